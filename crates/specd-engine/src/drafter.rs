@@ -1,0 +1,374 @@
+//! Drafters: whatever proposes the next k tokens for the target to verify, behind one trait.
+//!
+//! Kinds:
+//! - [`ModelDrafter`] over a separate draft model (Qwen2.5-0.5B for the 1.5B target) or over a
+//!   self-drafter: the target's own first N layers plus its final norm and LM head (`Model::truncated`).
+//! - [`NgramDrafter`], model-free and nearly free: prompt lookup (the continuation of the latest earlier
+//!   occurrence of the context's suffix n-gram) and token recycling (an adjacency table of the target's
+//!   own top candidates after each token, refreshed from every verify; Token Recycling, Luo et al.).
+//!
+//! A drafter keeps its own per-sequence state in sync with the token history it is handed, so the caller
+//! never has to replay rollbacks into it: it finds the common prefix with what it has seen and rolls back
+//! itself. Draft distributions are sparse ([`SparseDist`]): the support the drafter actually sampled from,
+//! so a proposal can cross a network. Deterministic drafters propose with one-hot distributions.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use specd_core::{Sampler, SamplingParams, SparseDist};
+
+use crate::error::EngineError;
+use crate::kv::KvCache;
+use crate::model::{LogitsWanted, Model};
+
+/// Drafter kinds as named on the command line and in the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DrafterKind {
+    /// No speculation: plain target decoding.
+    None,
+    /// A separate draft model.
+    Model,
+    /// The target's own first layers.
+    SelfLayers,
+    /// Prompt lookup plus token recycling, no model.
+    Ngram,
+    /// Chosen by the engine: the model-free drafter with the adaptive length, which falls to plain
+    /// decoding where speculation does not pay.
+    Auto,
+}
+
+impl DrafterKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DrafterKind::None => "none",
+            DrafterKind::Model => "model",
+            DrafterKind::SelfLayers => "self",
+            DrafterKind::Ngram => "ngram",
+            DrafterKind::Auto => "auto",
+        }
+    }
+}
+
+impl FromStr for DrafterKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "none" => DrafterKind::None,
+            "model" => DrafterKind::Model,
+            "self" => DrafterKind::SelfLayers,
+            "ngram" => DrafterKind::Ngram,
+            "auto" | "" => DrafterKind::Auto,
+            other => {
+                return Err(EngineError::InvalidRequest(format!(
+                    "unknown drafter {other:?} (none, model, self, ngram, auto)"
+                )))
+            }
+        })
+    }
+}
+
+/// Draft tokens and the distributions they were drawn from (`q.len() == tokens.len()`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Proposal {
+    pub tokens: Vec<u32>,
+    pub q: Vec<SparseDist>,
+}
+
+/// What the verifier saw at each verified position, for drafters that learn from it.
+#[derive(Clone, Debug)]
+pub struct Feedback<'a> {
+    /// The tokens fed to the target in the verify step (the last accepted token, then the drafts).
+    pub inputs: &'a [u32],
+    /// For each input, the target's top candidates for the token that follows it, best first.
+    pub target_top: &'a [Vec<u32>],
+}
+
+/// Proposes draft tokens for one sequence.
+pub trait Drafter: Send {
+    fn kind(&self) -> DrafterKind;
+
+    /// Prepares for a new sequence with this prompt (a model drafter prefills here).
+    fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError>;
+
+    /// Proposes up to `k` tokens continuing `history` (prompt plus every token emitted so far). May return
+    /// fewer, or none when it has nothing worth proposing.
+    fn propose(
+        &mut self,
+        history: &[u32],
+        k: usize,
+        params: &SamplingParams,
+        sampler: &mut Sampler,
+    ) -> Result<Proposal, EngineError>;
+
+    /// How many target candidates per position [`Drafter::observe`] wants (0: no feedback).
+    fn feedback_width(&self) -> usize {
+        0
+    }
+
+    /// Learns from a verify step.
+    fn observe(&mut self, _feedback: &Feedback<'_>) {}
+}
+
+/// A drafter running a decoder: a separate draft model or a self-drafter.
+pub struct ModelDrafter {
+    kind: DrafterKind,
+    model: Model,
+    cache: KvCache,
+    /// Tokens whose keys and values are in `cache`.
+    fed: Vec<u32>,
+}
+
+impl ModelDrafter {
+    pub fn new(kind: DrafterKind, model: Model) -> Self {
+        let cache = model.new_cache();
+        Self {
+            kind,
+            model,
+            cache,
+            fed: Vec::new(),
+        }
+    }
+
+    /// Feeds `history[keep..]` after rolling back to the longest prefix shared with what was fed; returns
+    /// the logits after the last token.
+    fn sync(&mut self, history: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let common = self
+            .fed
+            .iter()
+            .zip(history)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the last token must be fed to get logits after it.
+        let keep = common.min(history.len().saturating_sub(1));
+        self.cache.truncate(keep);
+        self.fed.truncate(keep);
+        let logits = self
+            .model
+            .forward(&mut self.cache, &history[keep..], LogitsWanted::Last)?;
+        self.fed.extend_from_slice(&history[keep..]);
+        Ok(logits)
+    }
+}
+
+impl Drafter for ModelDrafter {
+    fn kind(&self) -> DrafterKind {
+        self.kind
+    }
+
+    fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError> {
+        self.cache.truncate(0);
+        self.fed.clear();
+        if prompt.len() > 1 {
+            // Prefill all but the last prompt token; the first proposal feeds that one.
+            let n = prompt.len() - 1;
+            self.model
+                .forward(&mut self.cache, &prompt[..n], LogitsWanted::None)?;
+            self.fed.extend_from_slice(&prompt[..n]);
+        }
+        Ok(())
+    }
+
+    fn propose(
+        &mut self,
+        history: &[u32],
+        k: usize,
+        params: &SamplingParams,
+        sampler: &mut Sampler,
+    ) -> Result<Proposal, EngineError> {
+        let mut out = Proposal::default();
+        if k == 0 || history.is_empty() || history.len() + k > self.model.config().context {
+            return Ok(out);
+        }
+        let mut logits = self.sync(history)?;
+        loop {
+            let q = SparseDist::from_logits(&logits, params)?;
+            let t = sampler.sample(&q);
+            out.tokens.push(t);
+            out.q.push(q);
+            if out.tokens.len() == k {
+                break;
+            }
+            logits = self
+                .model
+                .forward(&mut self.cache, &[t], LogitsWanted::Last)?;
+            self.fed.push(t);
+        }
+        Ok(out)
+    }
+}
+
+/// Bounds of the n-gram drafter.
+#[derive(Clone, Copy, Debug)]
+pub struct NgramConfig {
+    /// Longest suffix n-gram looked up in the history.
+    pub max_n: usize,
+    /// Shortest n-gram accepted as a prompt-lookup match.
+    pub min_n: usize,
+    /// Candidates kept per token in the recycling table.
+    pub width: usize,
+    /// Most tokens the recycling table holds entries for (bounds memory: about 40 bytes per entry).
+    pub max_entries: usize,
+}
+
+impl Default for NgramConfig {
+    fn default() -> Self {
+        Self {
+            max_n: 4,
+            min_n: 2,
+            width: 4,
+            max_entries: 65_536,
+        }
+    }
+}
+
+/// Model-free drafter: prompt lookup first, token recycling to fill the rest.
+pub struct NgramDrafter {
+    kind: DrafterKind,
+    cfg: NgramConfig,
+    /// token -> the target's latest top candidates after it, best first.
+    table: HashMap<u32, Vec<u32>>,
+}
+
+impl NgramDrafter {
+    pub fn new(cfg: NgramConfig) -> Self {
+        Self {
+            kind: DrafterKind::Ngram,
+            cfg,
+            table: HashMap::new(),
+        }
+    }
+
+    /// Reports itself as `kind` (the engine's `auto` choice is this drafter).
+    pub fn set_kind(&mut self, kind: DrafterKind) {
+        self.kind = kind;
+    }
+
+    /// The continuation after the latest earlier occurrence of the longest matching suffix n-gram.
+    fn lookup(&self, history: &[u32], k: usize) -> Vec<u32> {
+        let len = history.len();
+        for n in (self.cfg.min_n..=self.cfg.max_n.min(len.saturating_sub(1))).rev() {
+            let suffix = &history[len - n..];
+            // Latest occurrence that ends before the suffix itself.
+            let found = (0..len - n).rev().find(|&s| &history[s..s + n] == suffix);
+            if let Some(s) = found {
+                let from = s + n;
+                let take = k.min(len - from);
+                if take > 0 {
+                    return history[from..from + take].to_vec();
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    fn record(&mut self, token: u32, candidates: &[u32]) {
+        if candidates.is_empty() {
+            return;
+        }
+        if self.table.len() >= self.cfg.max_entries && !self.table.contains_key(&token) {
+            // Bounded memory: forget everything rather than grow; the table refills within a few steps.
+            self.table.clear();
+        }
+        let w = self.cfg.width.min(candidates.len());
+        self.table.insert(token, candidates[..w].to_vec());
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn kind(&self) -> DrafterKind {
+        self.kind
+    }
+
+    fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError> {
+        // Seed the recycling table with the prompt's own bigrams (the table persists across sequences:
+        // candidates recycled from earlier requests are what makes it useful on a query stream).
+        for w in prompt.windows(2) {
+            self.table.entry(w[0]).or_insert_with(|| vec![w[1]]);
+        }
+        Ok(())
+    }
+
+    fn propose(
+        &mut self,
+        history: &[u32],
+        k: usize,
+        _params: &SamplingParams,
+        _sampler: &mut Sampler,
+    ) -> Result<Proposal, EngineError> {
+        if k == 0 || history.is_empty() {
+            return Ok(Proposal::default());
+        }
+        let mut tokens = self.lookup(history, k);
+        let mut last = *tokens.last().unwrap_or(&history[history.len() - 1]);
+        while tokens.len() < k {
+            match self.table.get(&last).and_then(|c| c.first()) {
+                Some(&next) => {
+                    tokens.push(next);
+                    last = next;
+                }
+                None => break,
+            }
+        }
+        let q = tokens.iter().map(|&t| SparseDist::one_hot(t)).collect();
+        Ok(Proposal { tokens, q })
+    }
+
+    fn feedback_width(&self) -> usize {
+        self.cfg.width
+    }
+
+    fn observe(&mut self, feedback: &Feedback<'_>) {
+        for (&tok, top) in feedback.inputs.iter().zip(feedback.target_top) {
+            self.record(tok, top);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_continues_latest_match() {
+        let d = NgramDrafter::new(NgramConfig::default());
+        let h = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3];
+        assert_eq!(d.lookup(&h, 2), vec![5, 7]);
+        assert_eq!(d.lookup(&h, 10), vec![5, 7, 1, 2, 3]);
+        assert!(d.lookup(&[1, 2, 3], 4).is_empty());
+    }
+
+    #[test]
+    fn recycling_follows_target_candidates() {
+        let mut d = NgramDrafter::new(NgramConfig::default());
+        d.observe(&Feedback {
+            inputs: &[10, 11],
+            target_top: &[vec![11, 3], vec![12, 4]],
+        });
+        let mut s = Sampler::new(Some(1));
+        let p = d
+            .propose(&[5, 10], 3, &SamplingParams::greedy(), &mut s)
+            .expect("propose");
+        assert_eq!(p.tokens, vec![11, 12]);
+        assert_eq!(p.q.len(), 2);
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let mut d = NgramDrafter::new(NgramConfig {
+            max_entries: 8,
+            ..NgramConfig::default()
+        });
+        for t in 0..100 {
+            d.record(t, &[t + 1]);
+        }
+        assert!(d.table.len() <= 8);
+    }
+
+    #[test]
+    fn kinds_parse() {
+        for k in ["none", "model", "self", "ngram", "auto"] {
+            assert_eq!(k.parse::<DrafterKind>().expect("kind").name(), k);
+        }
+        assert!("bogus".parse::<DrafterKind>().is_err());
+    }
+}

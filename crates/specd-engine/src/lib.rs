@@ -1,0 +1,32 @@
+//! specd's model engine: everything that touches model weights, in one process.
+//!
+//! - `qweight`: weight matrices and the batch-invariant quantized matmul (the kernel everything rests on).
+//! - `config`, `load`: model shape and loading from GGUF (quantized) and safetensors (float).
+//! - `model`, `kv`: the Qwen2/Llama decoder over ragged batches, logits at every position, per-sequence KV
+//!   caches with rollback.
+//! - `drafter`: the [`Drafter`] trait and its kinds (a draft model, a self-drafter cut from the target's
+//!   first layers, a model-free n-gram/token-recycling drafter).
+//! - `speculate`: the single-process speculation loop (draft, verify, roll back, adapt k).
+//! - `testing`: tiny random-weight model files for hermetic tests.
+//!
+//! It does not do networking, scheduling across processes, or training; those live in the services.
+
+pub mod config;
+pub mod drafter;
+pub mod error;
+pub mod kv;
+pub mod load;
+pub mod model;
+pub mod preset;
+pub mod qweight;
+pub mod speculate;
+pub mod testing;
+
+pub use config::{Family, ModelConfig, RopeStyle};
+pub use drafter::{Drafter, DrafterKind, Proposal};
+pub use error::EngineError;
+pub use kv::KvCache;
+pub use load::{load_gguf, load_safetensors, LoadedModel};
+pub use model::{LogitsWanted, Model, SeqInput};
+pub use preset::{build_drafter, Preset};
+pub use speculate::{FinishReason, GenerateOptions, GenerationStats, Generator};

@@ -1,0 +1,299 @@
+//! Loading models from files: GGUF (quantized, with its tokenizer) and safetensors (float).
+//!
+//! Weights are read tensor by tensor straight into their final block vectors, so peak memory stays near
+//! the file size: the token embedding stays quantized (rows are dequantized on lookup) instead of being
+//! expanded to f32. Owns the checkpoint tensor names; does not own the forward pass.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::GgmlDType;
+use specd_tokenizer::SpecdTokenizer;
+
+use crate::config::{Family, ModelConfig};
+use crate::error::EngineError;
+use crate::model::{Layer, Model, Weights};
+use crate::qweight::QWeight;
+
+/// A model ready to serve: the decoder, its tokenizer and where it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Arc<SpecdTokenizer>,
+    pub path: PathBuf,
+    pub file_bytes: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |cause| EngineError::Io {
+        path: path.to_path_buf(),
+        cause,
+    }
+}
+
+/// Loads a Qwen2 or Llama GGUF file with its tokenizer.
+pub fn load_gguf(path: &Path) -> Result<LoadedModel, EngineError> {
+    if !path.exists() {
+        return Err(EngineError::ModelNotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let file = File::open(path).map_err(io_err(path))?;
+    let file_bytes = file.metadata().map_err(io_err(path))?.len();
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        EngineError::BadModel(format!("{}: not a readable GGUF file: {e}", path.display()))
+    })?;
+    let tokenizer = Arc::new(SpecdTokenizer::from_gguf_file(path)?);
+    let mut tensors = TensorReader {
+        content: &content,
+        reader: &mut reader,
+        file_bytes,
+    };
+    let embed = tensors.weight("token_embd.weight")?;
+    let cfg = ModelConfig::from_gguf(&content, embed.rows())?;
+    let mut layers = Vec::with_capacity(cfg.layers);
+    for i in 0..cfg.layers {
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let bias =
+            |t: &mut TensorReader<'_, _>, s: &str| -> Result<Option<Vec<f32>>, EngineError> {
+                if cfg.family == Family::Qwen2 {
+                    t.vector(&p(s)).map(Some)
+                } else {
+                    t.optional_vector(&p(s))
+                }
+            };
+        layers.push(Layer {
+            attn_norm: tensors.vector(&p("attn_norm.weight"))?,
+            wq: tensors.weight(&p("attn_q.weight"))?,
+            bq: bias(&mut tensors, "attn_q.bias")?,
+            wk: tensors.weight(&p("attn_k.weight"))?,
+            bk: bias(&mut tensors, "attn_k.bias")?,
+            wv: tensors.weight(&p("attn_v.weight"))?,
+            bv: bias(&mut tensors, "attn_v.bias")?,
+            wo: tensors.weight(&p("attn_output.weight"))?,
+            ffn_norm: tensors.vector(&p("ffn_norm.weight"))?,
+            w_gate: tensors.weight(&p("ffn_gate.weight"))?,
+            w_up: tensors.weight(&p("ffn_up.weight"))?,
+            w_down: tensors.weight(&p("ffn_down.weight"))?,
+        });
+    }
+    let norm = tensors.vector("output_norm.weight")?;
+    let lm_head = if content.tensor_infos.contains_key("output.weight") {
+        Some(tensors.weight("output.weight")?)
+    } else {
+        None
+    };
+    let weights = Weights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+    };
+    check_shapes(&cfg, &weights)?;
+    if tokenizer.vocab_size() > cfg.vocab {
+        return Err(EngineError::BadModel(format!(
+            "tokenizer has {} tokens but the embedding only {}",
+            tokenizer.vocab_size(),
+            cfg.vocab
+        )));
+    }
+    Ok(LoadedModel {
+        model: Model::new(cfg, Arc::new(weights))?,
+        tokenizer,
+        path: path.to_path_buf(),
+        file_bytes,
+    })
+}
+
+struct TensorReader<'a, R> {
+    content: &'a gguf_file::Content,
+    reader: &'a mut R,
+    file_bytes: u64,
+}
+
+impl<R: Read + Seek> TensorReader<'_, R> {
+    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>), EngineError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))?;
+        let dims = info.shape.dims().to_vec();
+        let elems: usize = dims.iter().product();
+        let bs = info.ggml_dtype.block_size();
+        if !elems.is_multiple_of(bs) {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} has a partial block"
+            )));
+        }
+        let size = elems / bs * info.ggml_dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset;
+        if start + size as u64 > self.file_bytes {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} extends past the end of the file (truncated download?)"
+            )));
+        }
+        let mut bytes = vec![0u8; size];
+        self.reader
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| self.reader.read_exact(&mut bytes))
+            .map_err(|e| EngineError::BadModel(format!("reading tensor {name}: {e}")))?;
+        Ok((info.ggml_dtype, dims, bytes))
+    }
+
+    /// A 2-D weight `n x k`.
+    fn weight(&mut self, name: &str) -> Result<QWeight, EngineError> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        let [n, k] = dims[..] else {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} is not 2-D: {dims:?}"
+            )));
+        };
+        QWeight::from_ggml_bytes(dtype, n, k, &bytes)
+    }
+
+    /// A 1-D tensor (norm weights, biases) as f32.
+    fn vector(&mut self, name: &str) -> Result<Vec<f32>, EngineError> {
+        let (dtype, dims, bytes) = self.raw(name)?;
+        let n: usize = dims.iter().product();
+        let w = QWeight::from_ggml_bytes(dtype, 1, n, &bytes)?;
+        let mut out = vec![0f32; n];
+        w.dequantize_row(0, &mut out)?;
+        Ok(out)
+    }
+
+    fn optional_vector(&mut self, name: &str) -> Result<Option<Vec<f32>>, EngineError> {
+        if self.content.tensor_infos.contains_key(name) {
+            self.vector(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Checks every tensor's shape against the config, so a corrupt file fails at load, not mid-request.
+fn check_shapes(cfg: &ModelConfig, w: &Weights) -> Result<(), EngineError> {
+    let want = |name: &str, qw: &QWeight, n: usize, k: usize| {
+        if qw.rows() == n && qw.cols() == k {
+            Ok(())
+        } else {
+            Err(EngineError::BadModel(format!(
+                "{name} is {}x{}, expected {n}x{k}",
+                qw.rows(),
+                qw.cols()
+            )))
+        }
+    };
+    let vec_len = |name: &str, v: &[f32], n: usize| {
+        if v.len() == n {
+            Ok(())
+        } else {
+            Err(EngineError::BadModel(format!(
+                "{name} has {} values, expected {n}",
+                v.len()
+            )))
+        }
+    };
+    let (d, q, kv, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
+    want("embedding", &w.embed, cfg.vocab, d)?;
+    for (i, l) in w.layers.iter().enumerate() {
+        vec_len(&format!("layer {i} attn_norm"), &l.attn_norm, d)?;
+        vec_len(&format!("layer {i} ffn_norm"), &l.ffn_norm, d)?;
+        want(&format!("layer {i} q"), &l.wq, q, d)?;
+        want(&format!("layer {i} k"), &l.wk, kv, d)?;
+        want(&format!("layer {i} v"), &l.wv, kv, d)?;
+        want(&format!("layer {i} o"), &l.wo, d, q)?;
+        want(&format!("layer {i} gate"), &l.w_gate, f, d)?;
+        want(&format!("layer {i} up"), &l.w_up, f, d)?;
+        want(&format!("layer {i} down"), &l.w_down, d, f)?;
+        for (name, b, n) in [("bq", &l.bq, q), ("bk", &l.bk, kv), ("bv", &l.bv, kv)] {
+            if let Some(b) = b {
+                vec_len(&format!("layer {i} {name}"), b, n)?;
+            }
+        }
+    }
+    vec_len("output_norm", &w.norm, d)?;
+    if let Some(h) = &w.lm_head {
+        want("output", h, cfg.vocab, d)?;
+    }
+    Ok(())
+}
+
+/// Loads a float model from a Hugging Face directory (`config.json` plus `model.safetensors`, Qwen2 or
+/// Llama naming). Used for trainable drafters; the tokenizer comes from the GGUF of the same family.
+pub fn load_safetensors(dir: &Path) -> Result<Model, EngineError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|cause| match cause.kind() {
+        std::io::ErrorKind::NotFound => EngineError::ModelNotFound {
+            path: cfg_path.clone(),
+        },
+        _ => EngineError::Io {
+            path: cfg_path.clone(),
+            cause,
+        },
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::BadModel(format!("{}: {e}", cfg_path.display())))?;
+    let cfg = ModelConfig::from_hf_json(&json)?;
+    let st_path = dir.join("model.safetensors");
+    if !st_path.exists() {
+        return Err(EngineError::ModelNotFound { path: st_path });
+    }
+    let tensors = candle_core::safetensors::load(&st_path, &candle_core::Device::Cpu)?;
+    let get = |name: &str| -> Result<(Vec<usize>, Vec<f32>), EngineError> {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))?;
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
+    };
+    let weight = |name: &str| -> Result<QWeight, EngineError> {
+        let (dims, data) = get(name)?;
+        let [n, k] = dims[..] else {
+            return Err(EngineError::BadModel(format!("tensor {name} is not 2-D")));
+        };
+        QWeight::from_f32(n, k, data)
+    };
+    let vector = |name: &str| get(name).map(|(_, v)| v);
+    let optional = |name: &str| -> Result<Option<Vec<f32>>, EngineError> {
+        if tensors.contains_key(name) {
+            vector(name).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    let mut layers = Vec::with_capacity(cfg.layers);
+    for i in 0..cfg.layers {
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        layers.push(Layer {
+            attn_norm: vector(&p("input_layernorm.weight"))?,
+            wq: weight(&p("self_attn.q_proj.weight"))?,
+            bq: optional(&p("self_attn.q_proj.bias"))?,
+            wk: weight(&p("self_attn.k_proj.weight"))?,
+            bk: optional(&p("self_attn.k_proj.bias"))?,
+            wv: weight(&p("self_attn.v_proj.weight"))?,
+            bv: optional(&p("self_attn.v_proj.bias"))?,
+            wo: weight(&p("self_attn.o_proj.weight"))?,
+            ffn_norm: vector(&p("post_attention_layernorm.weight"))?,
+            w_gate: weight(&p("mlp.gate_proj.weight"))?,
+            w_up: weight(&p("mlp.up_proj.weight"))?,
+            w_down: weight(&p("mlp.down_proj.weight"))?,
+        });
+    }
+    let weights = Weights {
+        embed: weight("model.embed_tokens.weight")?,
+        layers,
+        norm: vector("model.norm.weight")?,
+        lm_head: if tensors.contains_key("lm_head.weight") {
+            Some(weight("lm_head.weight")?)
+        } else {
+            None
+        },
+    };
+    check_shapes(&cfg, &weights)?;
+    Model::new(cfg, Arc::new(weights))
+}

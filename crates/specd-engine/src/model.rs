@@ -1,0 +1,399 @@
+//! The decoder: Qwen2 and Llama forward passes over ragged batches, with logits at every fed position.
+//!
+//! A [`Model`] is a view over shared [`Weights`] that uses their first `n_layers` layers: the full target,
+//! or a self-drafter cut from the target's own first layers (same weights, no copy). [`Model::forward`]
+//! feeds any number of new tokens for any number of sequences in one pass: every linear layer runs once
+//! over all rows of all sequences ([`QWeight::matmul`]), attention runs per row against that row's own
+//! sequence cache. Every per-row computation (norms, RoPE, attention, dot products) is written so that its
+//! arithmetic does not depend on which other rows are in the pass: a position's logits are bitwise equal
+//! whether computed alone, in a verify of k+1 positions, in a batch of sequences, or in any prefill
+//! chunking. The speculation loop relies on that for exact greedy losslessness.
+//!
+//! It does not sample and does not know about drafts; see `speculate.rs`.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::EngineError;
+use crate::kv::KvCache;
+use crate::qweight::{dot_f32, QWeight};
+
+/// One decoder block's weights, named after the GGUF tensors they come from.
+#[derive(Debug)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: QWeight,
+    pub bq: Option<Vec<f32>>,
+    pub wk: QWeight,
+    pub bk: Option<Vec<f32>>,
+    pub wv: QWeight,
+    pub bv: Option<Vec<f32>>,
+    pub wo: QWeight,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: QWeight,
+    pub w_up: QWeight,
+    pub w_down: QWeight,
+}
+
+/// All weights of a model file.
+#[derive(Debug)]
+pub struct Weights {
+    pub embed: QWeight,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// `None` when the LM head is tied to the embedding.
+    pub lm_head: Option<QWeight>,
+}
+
+impl Weights {
+    /// Bytes held by all weights.
+    pub fn nbytes(&self) -> usize {
+        let layer = |l: &Layer| {
+            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                .iter()
+                .map(|w| w.nbytes())
+                .sum::<usize>()
+        };
+        self.embed.nbytes()
+            + self.layers.iter().map(layer).sum::<usize>()
+            + self.lm_head.as_ref().map_or(0, |w| w.nbytes())
+    }
+}
+
+/// What logits a sequence in a batch wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None (a prefill chunk whose output is not needed).
+    None,
+    /// The last fed position only (prefill, plain decode).
+    Last,
+    /// Every fed position (verification, drafting several tokens).
+    All,
+}
+
+/// One sequence's part of a batched forward.
+#[derive(Debug)]
+pub struct SeqInput<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub wanted: LogitsWanted,
+}
+
+/// A decoder over shared weights.
+#[derive(Clone, Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    weights: Arc<Weights>,
+}
+
+impl Model {
+    /// A model over all layers of `weights`.
+    pub fn new(cfg: ModelConfig, weights: Arc<Weights>) -> Result<Self, EngineError> {
+        if weights.layers.len() != cfg.layers {
+            return Err(EngineError::BadModel(format!(
+                "config says {} layers, weights have {}",
+                cfg.layers,
+                weights.layers.len()
+            )));
+        }
+        Ok(Self { cfg, weights })
+    }
+
+    /// The same model using only its first `n_layers` layers, then the final norm and LM head: a
+    /// self-drafter that shares every weight with this model.
+    pub fn truncated(&self, n_layers: usize) -> Result<Self, EngineError> {
+        if n_layers == 0 || n_layers > self.weights.layers.len() {
+            return Err(EngineError::InvalidRequest(format!(
+                "self-drafter layer count {n_layers} must be in 1..={}",
+                self.weights.layers.len()
+            )));
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.layers = n_layers;
+        Ok(Self {
+            cfg,
+            weights: Arc::clone(&self.weights),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn weights(&self) -> &Arc<Weights> {
+        &self.weights
+    }
+
+    /// A fresh cache for one sequence on this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim)
+    }
+
+    /// Feeds `tokens` to one sequence; returns the wanted logits, row-major `rows x vocab`.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        wanted: LogitsWanted,
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut out = self.forward_batch(&mut [SeqInput {
+            cache,
+            tokens,
+            wanted,
+        }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Feeds several sequences in one pass; returns, per sequence, its wanted logits row-major.
+    pub fn forward_batch(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let cfg = &self.cfg;
+        // Validate everything before touching any cache, so a bad input leaves every sequence intact.
+        for s in batch.iter() {
+            if s.cache.layers() != cfg.layers {
+                return Err(EngineError::Internal(format!(
+                    "cache made for {} layers used with a {}-layer model",
+                    s.cache.layers(),
+                    cfg.layers
+                )));
+            }
+            let len = s.cache.len() + s.tokens.len();
+            if len > cfg.context {
+                return Err(EngineError::ContextOverflow {
+                    len,
+                    max: cfg.context,
+                });
+            }
+            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
+                return Err(EngineError::BadToken {
+                    id,
+                    vocab: cfg.vocab,
+                });
+            }
+        }
+        // Rows: (sequence index, absolute position).
+        let rows: Vec<(usize, usize)> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (0..s.tokens.len()).map(move |j| (i, s.cache.len() + j)))
+            .collect();
+        let m = rows.len();
+        if m == 0 {
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        }
+        for s in batch.iter_mut() {
+            s.cache.reserve(s.tokens.len());
+        }
+        let d = cfg.hidden;
+        let mut x = vec![0f32; m * d];
+        for (r, tok) in batch.iter().flat_map(|s| s.tokens.iter()).enumerate() {
+            self.weights
+                .embed
+                .dequantize_row(*tok as usize, &mut x[r * d..(r + 1) * d])?;
+        }
+        let rope = RopeRows::new(cfg, rows.iter().map(|&(_, p)| p));
+        let mut h = vec![0f32; m * d];
+        for (li, layer) in self.weights.layers[..cfg.layers].iter().enumerate() {
+            rms_norm_rows(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
+            let mut q = layer.wq.matmul(&h, m);
+            let mut k = layer.wk.matmul(&h, m);
+            let mut v = layer.wv.matmul(&h, m);
+            add_bias(&mut q, layer.bq.as_deref());
+            add_bias(&mut k, layer.bk.as_deref());
+            add_bias(&mut v, layer.bv.as_deref());
+            rope.apply(&mut q, cfg.heads, cfg.head_dim, cfg.rope);
+            rope.apply(&mut k, cfg.kv_heads, cfg.head_dim, cfg.rope);
+            let (kvd, qd) = (cfg.kv_dim(), cfg.q_dim());
+            for (r, &(si, _)) in rows.iter().enumerate() {
+                batch[si]
+                    .cache
+                    .push(li, &k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd]);
+            }
+            let attn = attention(cfg, li, &rows, &q, batch, qd);
+            let o = layer.wo.matmul(&attn, m);
+            add_into(&mut x, &o);
+            rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
+            let mut g = layer.w_gate.matmul(&h, m);
+            let u = layer.w_up.matmul(&h, m);
+            for (gi, ui) in g.iter_mut().zip(u.iter()) {
+                *gi = silu(*gi) * ui;
+            }
+            let down = layer.w_down.matmul(&g, m);
+            add_into(&mut x, &down);
+        }
+        for s in batch.iter_mut() {
+            s.cache.commit(s.tokens.len());
+        }
+        // Logits only for the rows that want them.
+        let mut want_rows = Vec::new();
+        let mut start = 0;
+        for s in batch.iter() {
+            let n = s.tokens.len();
+            match s.wanted {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if n > 0 => want_rows.push(start + n - 1),
+                LogitsWanted::Last => {}
+                LogitsWanted::All => want_rows.extend(start..start + n),
+            }
+            start += n;
+        }
+        let mut sel = vec![0f32; want_rows.len() * d];
+        for (i, &r) in want_rows.iter().enumerate() {
+            rms_norm(
+                &x[r * d..(r + 1) * d],
+                &self.weights.norm,
+                cfg.rms_eps,
+                &mut sel[i * d..(i + 1) * d],
+            );
+        }
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        let logits = if want_rows.is_empty() {
+            Vec::new()
+        } else {
+            head.matmul(&sel, want_rows.len())
+        };
+        let vocab = head.rows();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut taken = 0;
+        for s in batch.iter() {
+            let n = match s.wanted {
+                LogitsWanted::None => 0,
+                LogitsWanted::Last => usize::from(!s.tokens.is_empty()),
+                LogitsWanted::All => s.tokens.len(),
+            };
+            out.push(logits[taken * vocab..(taken + n) * vocab].to_vec());
+            taken += n;
+        }
+        Ok(out)
+    }
+}
+
+/// Attention of every row against its own sequence's cache (positions `0..=pos`), one task per
+/// (row, head). Returns `rows x q_dim`.
+fn attention(
+    cfg: &ModelConfig,
+    layer: usize,
+    rows: &[(usize, usize)],
+    q: &[f32],
+    batch: &[SeqInput<'_>],
+    qd: usize,
+) -> Vec<f32> {
+    let hd = cfg.head_dim;
+    let group = cfg.heads / cfg.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; rows.len() * qd];
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (item, dst)| {
+            let (r, h) = (item / cfg.heads, item % cfg.heads);
+            let (si, pos) = rows[r];
+            let (keys, values) = batch[si].cache.head(layer, h / group, pos + 1);
+            let qv = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..=pos {
+                let s = dot_f32(qv, &keys[j * hd..(j + 1) * hd]) * scale;
+                max = max.max(s);
+                scores.push(s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for (j, &w) in scores.iter().enumerate() {
+                let w = w * inv;
+                let vj = &values[j * hd..(j + 1) * hd];
+                for (o, &vv) in dst.iter_mut().zip(vj) {
+                    *o += w * vv;
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Cosines and sines of every row's position, computed once per forward and shared by all layers.
+struct RopeRows {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeRows {
+    fn new(cfg: &ModelConfig, positions: impl Iterator<Item = usize>) -> Self {
+        let half = cfg.head_dim / 2;
+        let inv: Vec<f64> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64))
+            .collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { half, cos, sin }
+    }
+
+    /// Rotates every head of every row of `x` (`rows x heads*head_dim`) in place.
+    fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, style: RopeStyle) {
+        let half = self.half;
+        for (r, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            let (cos, sin) = (
+                &self.cos[r * half..(r + 1) * half],
+                &self.sin[r * half..(r + 1) * half],
+            );
+            for head in row.chunks_exact_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = match style {
+                        RopeStyle::Halves => (i, i + half),
+                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        }
+    }
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        rms_norm(xr, w, eps, or);
+    }
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss = dot_f32(x, x);
+    let scale = 1.0 / (ss / x.len() as f32 + eps).sqrt();
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = xv * scale * wv;
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}

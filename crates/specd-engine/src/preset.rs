@@ -1,0 +1,139 @@
+//! Named model pairs (`--model-preset qwen|smollm`) and building a drafter of a given kind for a target.
+//!
+//! Owns the default file names under the models directory (the ones `scripts/fetch-models.sh` places) and
+//! the rule that a drafter is only paired with a target whose tokenizer fingerprint matches.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::drafter::{Drafter, DrafterKind, ModelDrafter, NgramConfig, NgramDrafter};
+use crate::error::EngineError;
+use crate::load::{load_gguf, LoadedModel};
+
+/// Qwen2.5-Coder-1.5B-Instruct, Q4_K_M.
+pub const QWEN_TARGET_FILE: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+/// Qwen2.5-Coder-0.5B-Instruct, Q4_K_M (same tokenizer as the 1.5B).
+pub const QWEN_DRAFT_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+/// SmolLM2-135M-Instruct, Q4_1.
+pub const SMOLLM_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A named target (and optional separate draft model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    Qwen,
+    Smollm,
+}
+
+impl FromStr for Preset {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qwen" => Ok(Preset::Qwen),
+            "smollm" => Ok(Preset::Smollm),
+            other => Err(EngineError::InvalidRequest(format!(
+                "unknown model preset {other:?} (qwen, smollm)"
+            ))),
+        }
+    }
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Qwen => "qwen",
+            Preset::Smollm => "smollm",
+        }
+    }
+
+    pub fn target_path(self, models_dir: &Path) -> PathBuf {
+        models_dir.join(match self {
+            Preset::Qwen => QWEN_TARGET_FILE,
+            Preset::Smollm => SMOLLM_FILE,
+        })
+    }
+
+    /// The separate draft model, where the preset has one.
+    pub fn draft_path(self, models_dir: &Path) -> Option<PathBuf> {
+        match self {
+            Preset::Qwen => Some(models_dir.join(QWEN_DRAFT_FILE)),
+            Preset::Smollm => None,
+        }
+    }
+}
+
+/// Layers a self-drafter keeps by default: a quarter of the target's, at least one.
+pub fn default_self_layers(target_layers: usize) -> usize {
+    (target_layers / 4).max(1)
+}
+
+/// Builds a drafter of `kind` for `target`. `draft` is the separate draft model (needed for
+/// [`DrafterKind::Model`]); `self_layers` sizes a self-drafter. `None` and plain decoding give `Ok(None)`.
+pub fn build_drafter(
+    kind: DrafterKind,
+    target: &LoadedModel,
+    draft: Option<&LoadedModel>,
+    self_layers: Option<usize>,
+) -> Result<Option<Box<dyn Drafter>>, EngineError> {
+    Ok(match kind {
+        DrafterKind::None => None,
+        DrafterKind::Model => {
+            let draft = draft.ok_or_else(|| {
+                EngineError::InvalidRequest(
+                    "drafter `model` needs a separate draft model (--draft-model, or the qwen preset)".into(),
+                )
+            })?;
+            check_pair(target, draft)?;
+            Some(Box::new(ModelDrafter::new(
+                DrafterKind::Model,
+                draft.model.clone(),
+            )))
+        }
+        DrafterKind::SelfLayers => {
+            let n =
+                self_layers.unwrap_or_else(|| default_self_layers(target.model.config().layers));
+            Some(Box::new(ModelDrafter::new(
+                DrafterKind::SelfLayers,
+                target.model.truncated(n)?,
+            )))
+        }
+        DrafterKind::Ngram | DrafterKind::Auto => {
+            let mut d = NgramDrafter::new(NgramConfig::default());
+            d.set_kind(kind);
+            Some(Box::new(d))
+        }
+    })
+}
+
+/// A drafter must share the target's tokenizer (token ids mean the same text) and vocabulary size.
+pub fn check_pair(target: &LoadedModel, draft: &LoadedModel) -> Result<(), EngineError> {
+    let (t, d) = (
+        target.tokenizer.fingerprint(),
+        draft.tokenizer.fingerprint(),
+    );
+    if t != d {
+        return Err(EngineError::TokenizerMismatch {
+            drafter: format!("{} ({})", draft.path.display(), d),
+            target: format!("{} ({})", target.path.display(), t),
+        });
+    }
+    Ok(())
+}
+
+/// Loads the preset's draft model when `kind` needs one.
+pub fn load_draft_for(
+    kind: DrafterKind,
+    explicit: Option<&Path>,
+    preset: Preset,
+    models_dir: &Path,
+) -> Result<Option<LoadedModel>, EngineError> {
+    if kind != DrafterKind::Model {
+        return Ok(None);
+    }
+    match explicit.map(Path::to_path_buf).or_else(|| preset.draft_path(models_dir)) {
+        Some(p) => load_gguf(&p).map(Some),
+        None => Err(EngineError::InvalidRequest(format!(
+            "preset {} has no separate draft model; use --drafter self or ngram, or pass --draft-model",
+            preset.name()
+        ))),
+    }
+}

@@ -1,0 +1,501 @@
+//! Weight matrices and the batch-invariant matrix-vector kernels that read them.
+//!
+//! A [`QWeight`] is an `n x k` matrix (n output features, k input features) stored the way the model file
+//! stores it: ggml quantized blocks along k, or plain f32. [`QWeight::matmul`] multiplies `m` activation
+//! rows by its transpose. It owns the property the whole engine rests on:
+//!
+//! **Batch invariance.** Every output element `(row, col)` is computed by exactly one call of candle's
+//! per-block dot product (`GgmlType::vec_dot`) on the row quantized by itself and the column's blocks, in
+//! an order that depends on nothing but the column index. So a row's result is bitwise the same whether it
+//! is multiplied alone, inside a verify of k+1 rows, or inside a batch of sequences, and whatever the
+//! thread count. candle's own `QMatMul` switches kernels with the row count (repacked tiles for m > 1,
+//! AMX for long prefills), which changes the rounding, so the engine does not use it.
+//!
+//! **One weight read per step.** The loop runs column-major: a column's blocks (under 1 KiB) are loaded once
+//! and applied to every row while they sit in L1, so a verify of k+1 rows costs far less than k+1 decode
+//! steps on a memory-bound CPU.
+//!
+//! Q5_0 tensors (most of Qwen2.5-0.5B, whose hidden size 896 is not a multiple of 256) are converted to
+//! Q8_0 at load: every Q5_0 value is `d * (q - 16)` with `q` in 0..32 and Q8_0 stores `d * q` with `q` an
+//! i8 over the same 32-element block, so the conversion is exact, and Q8_0 has a SIMD kernel where Q5_0
+//! has only a scalar one.
+//!
+//! It does not know about layers or models; `model.rs` composes these.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_1, BlockQ6K, BlockQ8_0,
+};
+use candle_core::quantized::{GgmlDType, GgmlType};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::EngineError;
+
+/// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
+const COLS_PER_TASK: usize = 64;
+
+/// Quantized (or float) storage of one weight matrix, blocks laid out row-major over the n output rows.
+#[derive(Clone)]
+pub enum QData {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q2K(Vec<BlockQ2K>),
+    Q3K(Vec<BlockQ3K>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+/// An `n x k` weight matrix.
+#[derive(Clone)]
+pub struct QWeight {
+    n: usize,
+    k: usize,
+    data: QData,
+}
+
+impl std::fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QWeight({}x{} {})", self.n, self.k, self.dtype_name())
+    }
+}
+
+/// Reinterprets raw little-endian ggml bytes as a vector of blocks, checking the length.
+fn blocks_from_bytes<T: GgmlType>(bytes: &[u8], count: usize) -> Result<Vec<T>, EngineError> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != count * size {
+        return Err(EngineError::BadModel(format!(
+            "tensor data is {} bytes, expected {} blocks of {size}",
+            bytes.len(),
+            count
+        )));
+    }
+    let mut out: Vec<T> = (0..count).map(|_| T::zeros()).collect();
+    // SAFETY: ggml block types are `repr(C)` plain-old-data whose layout is the ggml file layout, every
+    // bit pattern is a valid value, and the destination holds exactly `bytes.len()` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.as_mut_ptr() as *mut u8, bytes.len());
+    }
+    Ok(out)
+}
+
+/// Exact conversion of Q5_0 blocks (22 bytes: f16 d, 4 bytes of high bits, 16 bytes of nibbles) to Q8_0
+/// blocks (34 bytes: f16 d, 32 i8).
+fn q5_0_bytes_to_q8_0(bytes: &[u8], count: usize) -> Result<Vec<BlockQ8_0>, EngineError> {
+    const IN: usize = 22;
+    const OUT: usize = 34;
+    if bytes.len() != count * IN {
+        return Err(EngineError::BadModel(format!(
+            "Q5_0 tensor data is {} bytes, expected {}",
+            bytes.len(),
+            count * IN
+        )));
+    }
+    let mut converted = vec![0u8; count * OUT];
+    for (src, dst) in bytes.chunks_exact(IN).zip(converted.chunks_exact_mut(OUT)) {
+        dst[0..2].copy_from_slice(&src[0..2]);
+        let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+        let qs = &src[6..22];
+        for j in 0..16 {
+            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            dst[2 + j] = (lo as i8 - 16) as u8;
+            dst[2 + j + 16] = (hi as i8 - 16) as u8;
+        }
+    }
+    blocks_from_bytes::<BlockQ8_0>(&converted, count)
+}
+
+impl QWeight {
+    /// A float matrix, `data` row-major `n x k`.
+    pub fn from_f32(n: usize, k: usize, data: Vec<f32>) -> Result<Self, EngineError> {
+        if data.len() != n * k {
+            return Err(EngineError::BadModel(format!(
+                "f32 weight has {} values, expected {n}x{k}",
+                data.len()
+            )));
+        }
+        Ok(Self {
+            n,
+            k,
+            data: QData::F32(data),
+        })
+    }
+
+    /// Builds from the raw bytes of a ggml tensor of shape `n x k` (k contiguous).
+    pub fn from_ggml_bytes(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        bytes: &[u8],
+    ) -> Result<Self, EngineError> {
+        let bs = dtype.block_size();
+        if !k.is_multiple_of(bs) {
+            return Err(EngineError::BadModel(format!(
+                "row length {k} is not a multiple of the {dtype:?} block size {bs}"
+            )));
+        }
+        let count = n * k / bs;
+        let data = match dtype {
+            GgmlDType::F32 => {
+                if bytes.len() != n * k * 4 {
+                    return Err(EngineError::BadModel(
+                        "f32 tensor has the wrong size".into(),
+                    ));
+                }
+                QData::F32(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
+            }
+            GgmlDType::F16 => QData::F16(blocks_from_bytes::<f16>(bytes, count)?),
+            GgmlDType::Q4_0 => QData::Q4_0(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q4_1 => QData::Q4_1(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q5_0 => QData::Q8_0(q5_0_bytes_to_q8_0(bytes, count)?),
+            GgmlDType::Q5_1 => QData::Q5_1(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q8_0 => QData::Q8_0(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q2K => QData::Q2K(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q3K => QData::Q3K(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q4K => QData::Q4K(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q5K => QData::Q5K(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q6K => QData::Q6K(blocks_from_bytes(bytes, count)?),
+            other => {
+                return Err(EngineError::BadModel(format!(
+                    "unsupported weight type {other:?}"
+                )))
+            }
+        };
+        Ok(Self { n, k, data })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        fn b<T>(v: &[T]) -> usize {
+            std::mem::size_of_val(v)
+        }
+        match &self.data {
+            QData::F32(v) => b(v),
+            QData::F16(v) => b(v),
+            QData::Q4_0(v) => b(v),
+            QData::Q4_1(v) => b(v),
+            QData::Q5_1(v) => b(v),
+            QData::Q8_0(v) => b(v),
+            QData::Q2K(v) => b(v),
+            QData::Q3K(v) => b(v),
+            QData::Q4K(v) => b(v),
+            QData::Q5K(v) => b(v),
+            QData::Q6K(v) => b(v),
+        }
+    }
+
+    /// The storage format's name, for logs.
+    pub fn dtype_name(&self) -> &'static str {
+        match &self.data {
+            QData::F32(_) => "f32",
+            QData::F16(_) => "f16",
+            QData::Q4_0(_) => "q4_0",
+            QData::Q4_1(_) => "q4_1",
+            QData::Q5_1(_) => "q5_1",
+            QData::Q8_0(_) => "q8_0",
+            QData::Q2K(_) => "q2_k",
+            QData::Q3K(_) => "q3_k",
+            QData::Q4K(_) => "q4_k",
+            QData::Q5K(_) => "q5_k",
+            QData::Q6K(_) => "q6_k",
+        }
+    }
+
+    /// Dequantizes output row `row` (length k) into `out`: the embedding lookup.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<(), EngineError> {
+        if row >= self.n || out.len() != self.k {
+            return Err(EngineError::Internal(format!(
+                "row {row} out of range for {:?}",
+                self
+            )));
+        }
+        fn deq<T: GgmlType>(blocks: &[T], row: usize, k: usize, out: &mut [f32]) {
+            let per_row = k / T::BLCK_SIZE;
+            T::to_float(&blocks[row * per_row..(row + 1) * per_row], out);
+        }
+        match &self.data {
+            QData::F32(v) => out.copy_from_slice(&v[row * self.k..(row + 1) * self.k]),
+            QData::F16(v) => deq(v, row, self.k, out),
+            QData::Q4_0(v) => deq(v, row, self.k, out),
+            QData::Q4_1(v) => deq(v, row, self.k, out),
+            QData::Q5_1(v) => deq(v, row, self.k, out),
+            QData::Q8_0(v) => deq(v, row, self.k, out),
+            QData::Q2K(v) => deq(v, row, self.k, out),
+            QData::Q3K(v) => deq(v, row, self.k, out),
+            QData::Q4K(v) => deq(v, row, self.k, out),
+            QData::Q5K(v) => deq(v, row, self.k, out),
+            QData::Q6K(v) => deq(v, row, self.k, out),
+        }
+        Ok(())
+    }
+
+    /// `x` is `m x k` row-major; returns `m x n` row-major: `y[r][c] = dot(x[r], w[c])`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), m * self.k);
+        match &self.data {
+            QData::F32(w) => matmul_f32(w, self.n, self.k, x, m),
+            QData::F16(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q4_0(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q4_1(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q5_1(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q8_0(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q2K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q3K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q4K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q5K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q6K(w) => matmul_blocks(w, self.n, self.k, x, m),
+        }
+    }
+
+    /// A copy holding only the output rows in `keep` (in that order): a trimmed vocabulary head.
+    pub fn select_rows(&self, keep: &[u32]) -> Result<Self, EngineError> {
+        fn sel<T: Clone>(v: &[T], per_row: usize, keep: &[u32]) -> Vec<T> {
+            keep.iter()
+                .flat_map(|&r| {
+                    v[r as usize * per_row..(r as usize + 1) * per_row]
+                        .iter()
+                        .cloned()
+                })
+                .collect()
+        }
+        if let Some(&bad) = keep.iter().find(|&&r| r as usize >= self.n) {
+            return Err(EngineError::Internal(format!("row {bad} out of range")));
+        }
+        let k = self.k;
+        let data = match &self.data {
+            QData::F32(v) => QData::F32(sel(v, k, keep)),
+            QData::F16(v) => QData::F16(sel(v, k, keep)),
+            QData::Q4_0(v) => QData::Q4_0(sel(v, k / 32, keep)),
+            QData::Q4_1(v) => QData::Q4_1(sel(v, k / 32, keep)),
+            QData::Q5_1(v) => QData::Q5_1(sel(v, k / 32, keep)),
+            QData::Q8_0(v) => QData::Q8_0(sel(v, k / 32, keep)),
+            QData::Q2K(v) => QData::Q2K(sel(v, k / 256, keep)),
+            QData::Q3K(v) => QData::Q3K(sel(v, k / 256, keep)),
+            QData::Q4K(v) => QData::Q4K(sel(v, k / 256, keep)),
+            QData::Q5K(v) => QData::Q5K(sel(v, k / 256, keep)),
+            QData::Q6K(v) => QData::Q6K(sel(v, k / 256, keep)),
+        };
+        Ok(Self {
+            n: keep.len(),
+            k,
+            data,
+        })
+    }
+}
+
+/// Quantized kernel: activation rows are quantized to the weight type's dot-product type one row at a
+/// time, then every `(row, col)` is one `vec_dot` (quads of columns use `vec_dot_4`, chosen by column index
+/// alone).
+fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let kb = k / T::BLCK_SIZE;
+    let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
+    for r in 0..m {
+        T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
+    }
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let c0 = task * COLS_PER_TASK;
+            let cols = chunk.len() / m;
+            let col = |c: usize| &w[c * kb..(c + 1) * kb];
+            let mut c = 0;
+            while c + 4 <= cols {
+                let (w0, w1, w2, w3) = (
+                    col(c0 + c),
+                    col(c0 + c + 1),
+                    col(c0 + c + 2),
+                    col(c0 + c + 3),
+                );
+                for r in 0..m {
+                    let (d0, d1, d2, d3) =
+                        T::vec_dot_4(k, w0, w1, w2, w3, &xq[r * kb..(r + 1) * kb]);
+                    chunk[c * m + r] = d0;
+                    chunk[(c + 1) * m + r] = d1;
+                    chunk[(c + 2) * m + r] = d2;
+                    chunk[(c + 3) * m + r] = d3;
+                }
+                c += 4;
+            }
+            while c < cols {
+                let wc = col(c0 + c);
+                for r in 0..m {
+                    chunk[c * m + r] = T::vec_dot(k, wc, &xq[r * kb..(r + 1) * kb]);
+                }
+                c += 1;
+            }
+        });
+    transpose(&out_t, n, m)
+}
+
+/// Float kernel: a fixed 8-lane accumulation order per dot product, independent of m.
+fn matmul_f32(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let c0 = task * COLS_PER_TASK;
+            for c in 0..chunk.len() / m {
+                let wc = &w[(c0 + c) * k..(c0 + c + 1) * k];
+                for r in 0..m {
+                    chunk[c * m + r] = dot_f32(wc, &x[r * k..(r + 1) * k]);
+                }
+            }
+        });
+    transpose(&out_t, n, m)
+}
+
+/// Deterministic f32 dot product: 8 independent lanes (vectorizes), summed in a fixed tree.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[i * 8 + l] * b[i * 8 + l];
+        }
+    }
+    let mut tail = 0f32;
+    for i in chunks * 8..a.len() {
+        tail += a[i] * b[i];
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+fn transpose(src: &[f32], n: usize, m: usize) -> Vec<f32> {
+    if m == 1 {
+        return src.to_vec();
+    }
+    let mut out = vec![0f32; n * m];
+    for c in 0..n {
+        for r in 0..m {
+            out[r * n + c] = src[c * m + r];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn quantized(dtype: GgmlDType, n: usize, k: usize) -> (QWeight, Vec<f32>) {
+        let w = random(n * k, 7);
+        let t = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&t, dtype).expect("quantize");
+        let bytes = q.data().expect("data");
+        let qw = QWeight::from_ggml_bytes(dtype, n, k, &bytes).expect("load");
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .expect("deq")
+            .flatten_all()
+            .expect("flat");
+        (qw, deq.to_vec1::<f32>().expect("vec"))
+    }
+
+    #[test]
+    fn rows_are_bitwise_independent_of_batch() {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::F32,
+        ] {
+            let (n, k) = (70, 512);
+            let (w, _) = quantized(dtype, n, k);
+            let x = random(5 * k, 3);
+            let all = w.matmul(&x, 5);
+            for r in 0..5 {
+                let one = w.matmul(&x[r * k..(r + 1) * k], 1);
+                assert_eq!(one, all[r * n..(r + 1) * n].to_vec(), "{dtype:?} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_dequantized_reference() {
+        let (n, k) = (33, 256);
+        let (w, deq) = quantized(GgmlDType::Q8_0, n, k);
+        let x = random(2 * k, 11);
+        let y = w.matmul(&x, 2);
+        for r in 0..2 {
+            for c in 0..n {
+                let want: f32 = (0..k).map(|i| x[r * k + i] * deq[c * k + i]).sum();
+                assert!(
+                    (y[r * n + c] - want).abs() < 0.05,
+                    "{} vs {want}",
+                    y[r * n + c]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_converts_exactly_to_q8_0() {
+        let (n, k) = (8, 64);
+        let w = random(n * k, 5);
+        let t = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&t, GgmlDType::Q5_0).expect("quantize");
+        let want = q
+            .dequantize(&Device::Cpu)
+            .expect("deq")
+            .flatten_all()
+            .expect("f");
+        let want = want.to_vec1::<f32>().expect("vec");
+        let qw = QWeight::from_ggml_bytes(GgmlDType::Q5_0, n, k, &q.data().expect("data"))
+            .expect("load");
+        assert_eq!(qw.dtype_name(), "q8_0");
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            qw.dequantize_row(r, &mut row).expect("row");
+            assert_eq!(row, want[r * k..(r + 1) * k].to_vec());
+        }
+    }
+
+    #[test]
+    fn select_rows_keeps_rows() {
+        let (w, _) = quantized(GgmlDType::Q4K, 12, 256);
+        let sel = w.select_rows(&[3, 7]).expect("select");
+        let x = random(256, 1);
+        let full = w.matmul(&x, 1);
+        assert_eq!(sel.matmul(&x, 1), vec![full[3], full[7]]);
+        assert!(w.select_rows(&[12]).is_err());
+    }
+}

@@ -1,0 +1,336 @@
+//! `specd bench`: every speculation config on code and prose prompts, greedy, in one process and one run,
+//! so the ratios between configs are measured under the same conditions. Prints a table or one JSON
+//! document. It is a program that prints figures, not a test: nothing here asserts a speed.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::Serialize;
+use specd_core::SamplingParams;
+use specd_engine::drafter::DrafterKind;
+use specd_engine::preset::{build_drafter, check_pair};
+use specd_engine::{load_gguf, GenerateOptions, Generator, LoadedModel};
+
+use crate::cli::{init_threads, BenchArgs};
+use crate::generate::{load_target, prompt_ids, round};
+
+/// Code prompts: editing and completing code the prompt already shows, the traffic a coding assistant
+/// sees most.
+const CODE_PROMPTS: &[&str] = &[
+    "Add type hints and a docstring to this Python function, and return the whole function:\n\n\
+def merge_intervals(intervals):\n    intervals = sorted(intervals, key=lambda x: x[0])\n    merged = []\n    \
+for start, end in intervals:\n        if merged and start <= merged[-1][1]:\n            \
+merged[-1][1] = max(merged[-1][1], end)\n        else:\n            merged.append([start, end])\n    return merged\n",
+    "Rename the variable `cnt` to `count` everywhere in this Rust code and show the full result:\n\n\
+fn histogram(words: &[&str]) -> std::collections::HashMap<String, usize> {\n    \
+let mut cnt = std::collections::HashMap::new();\n    for w in words {\n        \
+*cnt.entry(w.to_lowercase()).or_insert(0) += 1;\n    }\n    cnt\n}\n",
+    "Write a Python function `is_prime(n)` that checks whether n is prime, with a short docstring.",
+    "Convert this JavaScript function to TypeScript with explicit types, keeping the logic the same:\n\n\
+function groupBy(items, key) {\n  const out = {};\n  for (const item of items) {\n    \
+const k = item[key];\n    if (!out[k]) out[k] = [];\n    out[k].push(item);\n  }\n  return out;\n}\n",
+];
+
+/// Prose prompts.
+const PROSE_PROMPTS: &[&str] = &[
+    "Explain in a short paragraph why the sky is blue.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Summarize the main causes of the French Revolution in a few sentences.",
+];
+
+#[derive(Clone, Copy, Debug)]
+enum Runner {
+    Target,
+    DrafterAlone,
+}
+
+struct Config {
+    name: &'static str,
+    runner: Runner,
+    drafter: DrafterKind,
+    k: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    name: String,
+    drafter: String,
+    k: String,
+    prompt_set: String,
+    decode_tok_s: f64,
+    acceptance: f64,
+    mean_accepted: f64,
+    draft_ms_per_step: f64,
+    verify_ms_per_step: f64,
+    greedy_equal: bool,
+    tokens: usize,
+    speedup_vs_target: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: String,
+    threads: usize,
+    max_new_tokens: usize,
+    target_file_bytes: u64,
+    draft_file_bytes: u64,
+    peak_rss_bytes: u64,
+    configs: Vec<Row>,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    init_threads(args.model.threads)?;
+    let (preset, target) = load_target(&args.model)?;
+    let draft = match args
+        .model
+        .draft_model
+        .clone()
+        .or_else(|| preset.draft_path(&args.model.models_dir))
+    {
+        Some(p) => {
+            let d = load_gguf(&p)?;
+            check_pair(&target, &d)?;
+            Some(d)
+        }
+        None => None,
+    };
+    let mut configs = vec![Config {
+        name: "target",
+        runner: Runner::Target,
+        drafter: DrafterKind::None,
+        k: None,
+    }];
+    if draft.is_some() {
+        configs.push(Config {
+            name: "drafter-alone",
+            runner: Runner::DrafterAlone,
+            drafter: DrafterKind::None,
+            k: None,
+        });
+        for (name, k) in [
+            ("spec-model-k2", Some(2)),
+            ("spec-model-k4", Some(4)),
+            ("spec-model-k8", Some(8)),
+            ("spec-model-adaptive", None),
+        ] {
+            configs.push(Config {
+                name,
+                runner: Runner::Target,
+                drafter: DrafterKind::Model,
+                k,
+            });
+        }
+    }
+    for (name, drafter) in [
+        ("spec-self", DrafterKind::SelfLayers),
+        ("spec-ngram", DrafterKind::Ngram),
+        ("auto", DrafterKind::Auto),
+    ] {
+        configs.push(Config {
+            name,
+            runner: Runner::Target,
+            drafter,
+            k: None,
+        });
+    }
+    if !args.only.is_empty() {
+        configs.retain(|c| {
+            c.name == "target" || args.only.iter().any(|o| c.name.contains(o.as_str()))
+        });
+    }
+    let take = args.prompts.unwrap_or(usize::MAX);
+    let sets: Vec<(&str, Vec<Vec<u32>>)> = [("code", CODE_PROMPTS), ("prose", PROSE_PROMPTS)]
+        .iter()
+        .map(|(name, prompts)| {
+            let ids = prompts
+                .iter()
+                .take(take)
+                .map(|p| prompt_ids(&target, p, false))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((*name, ids))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let params = SamplingParams::greedy();
+    let stop = target.tokenizer.stop_ids().to_vec();
+    // Warm-up: first-touch page faults and caches out of the way before anything is timed.
+    for m in std::iter::once(&target).chain(draft.iter()) {
+        let mut g = Generator::new(m.model.clone(), None);
+        g.generate(
+            &sets[0].1[0],
+            &GenerateOptions::new(4, params.clone()),
+            |_| true,
+        )?;
+    }
+
+    let mut reference: Vec<Vec<Vec<u32>>> = Vec::new();
+    let mut target_tok_s: Vec<f64> = Vec::new();
+    let mut rows = Vec::new();
+    for cfg in &configs {
+        let model: &LoadedModel = match cfg.runner {
+            Runner::Target => &target,
+            Runner::DrafterAlone => draft.as_ref().context("no draft model")?,
+        };
+        let drafter = build_drafter(cfg.drafter, &target, draft.as_ref(), args.model.self_layers)?;
+        let mut generator = Generator::new(model.model.clone(), drafter);
+        for (si, (set, prompts)) in sets.iter().enumerate() {
+            let mut opts = GenerateOptions::new(args.max_new_tokens, params.clone());
+            opts.draft_len = cfg.k;
+            opts.stop_ids = stop.clone();
+            let (mut gen, mut decode_ms, mut steps) = (0usize, 0f64, 0usize);
+            let (mut drafted, mut accepted, mut draft_ms, mut verify_ms) =
+                (0usize, 0usize, 0f64, 0f64);
+            let mut equal = true;
+            let mut outputs = Vec::new();
+            let started = Instant::now();
+            for (pi, ids) in prompts.iter().enumerate() {
+                let (out, st) = generator.generate(ids, &opts, |_| true)?;
+                gen += st.generated.saturating_sub(1);
+                decode_ms += st.decode_ms;
+                steps += st.steps;
+                drafted += st.drafted;
+                accepted += st.accepted;
+                draft_ms += st.draft_ms;
+                verify_ms += st.verify_ms;
+                if let Some(r) = reference.get(si) {
+                    equal &= r[pi] == out;
+                }
+                outputs.push(out);
+            }
+            if cfg.name == "target" {
+                reference.push(outputs);
+            }
+            let tok_s = if decode_ms > 0.0 {
+                gen as f64 / (decode_ms / 1000.0)
+            } else {
+                0.0
+            };
+            if cfg.name == "target" {
+                target_tok_s.push(tok_s);
+            }
+            let per_step = |v: f64| {
+                if steps == 0 {
+                    0.0
+                } else {
+                    round(v / steps as f64)
+                }
+            };
+            let row = Row {
+                name: cfg.name.to_string(),
+                drafter: cfg.drafter.name().to_string(),
+                k: cfg.k.map_or("adaptive".to_string(), |k| k.to_string()),
+                prompt_set: set.to_string(),
+                decode_tok_s: round(tok_s),
+                acceptance: if drafted == 0 {
+                    0.0
+                } else {
+                    round(accepted as f64 / drafted as f64)
+                },
+                mean_accepted: per_step(gen as f64),
+                draft_ms_per_step: per_step(draft_ms),
+                verify_ms_per_step: per_step(verify_ms),
+                greedy_equal: matches!(cfg.runner, Runner::Target) && equal,
+                tokens: gen,
+                speedup_vs_target: target_tok_s.get(si).map_or(1.0, |t| round(tok_s / t)),
+            };
+            if !args.json {
+                eprintln!(
+                    "  {:<20} {:<5} {:>6.2} tok/s  ({:.1} s)",
+                    row.name,
+                    row.prompt_set,
+                    row.decode_tok_s,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            rows.push(row);
+        }
+    }
+    let report = Report {
+        machine: machine_description(),
+        threads: rayon::current_num_threads(),
+        max_new_tokens: args.max_new_tokens,
+        target_file_bytes: target.file_bytes,
+        draft_file_bytes: draft.as_ref().map_or(0, |d| d.file_bytes),
+        peak_rss_bytes: peak_rss_bytes(),
+        configs: rows,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "specd bench: {} threads, {} new tokens, greedy; {}",
+        r.threads, r.max_new_tokens, r.machine
+    );
+    println!(
+        "{:<20} {:<6} {:<8} {:<6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>7}",
+        "config",
+        "drafter",
+        "k",
+        "set",
+        "tok/s",
+        "vs tgt",
+        "acc",
+        "mean acc",
+        "draft ms",
+        "vfy ms",
+        "equal"
+    );
+    for c in &r.configs {
+        println!(
+            "{:<20} {:<6} {:<8} {:<6} {:>9.2} {:>7.2}x {:>6.3} {:>9.2} {:>9.1} {:>6.1} {:>7}",
+            c.name,
+            c.drafter,
+            c.k,
+            c.prompt_set,
+            c.decode_tok_s,
+            c.speedup_vs_target,
+            c.acceptance,
+            c.mean_accepted,
+            c.draft_ms_per_step,
+            c.verify_ms_per_step,
+            c.greedy_equal
+        );
+    }
+    let model_bytes = r.target_file_bytes + r.draft_file_bytes;
+    println!(
+        "peak RSS {:.0} MiB for {:.0} MiB of model files ({:.2}x)",
+        r.peak_rss_bytes as f64 / 1048576.0,
+        model_bytes as f64 / 1048576.0,
+        r.peak_rss_bytes as f64 / model_bytes.max(1) as f64
+    );
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{cpu}, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    )
+}

