@@ -107,6 +107,16 @@ pub trait Drafter: Send {
 
     /// Learns from a verify step.
     fn observe(&mut self, _feedback: &Feedback<'_>) {}
+
+    /// Whether proposing costs next to nothing, so the drafter should be asked every step and left to
+    /// limit its own proposals (the n-gram drafter), instead of being switched off by the controller.
+    fn is_free(&self) -> bool {
+        false
+    }
+
+    /// The measured cost of a verify step of k drafts, for k = 0.., as a multiple of a plain decode step
+    /// (`costs[0] == 1`).
+    fn set_step_costs(&mut self, _costs: &[f64]) {}
 }
 
 /// A drafter running a decoder: a separate draft model or a self-drafter.
@@ -214,19 +224,48 @@ impl Default for NgramConfig {
     fn default() -> Self {
         Self {
             max_n: 4,
-            min_n: 2,
+            min_n: 1,
             width: 4,
             max_entries: 65_536,
         }
     }
 }
 
-/// Model-free drafter: prompt lookup first, token recycling to fill the rest.
+/// Where a drafted token came from; each source has its own measured acceptance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Prompt lookup with a suffix match of 3 or more tokens.
+    LookupLong = 0,
+    /// Prompt lookup with a 2-token match.
+    LookupPair = 1,
+    /// Prompt lookup with a 1-token match.
+    LookupOne = 2,
+    /// Token recycling.
+    Recycle = 3,
+}
+
+/// Prior acceptance per source, before anything is measured.
+const SOURCE_PRIOR: [f64; 4] = [0.7, 0.5, 0.3, 0.3];
+/// Assumed cost of one more verified position, in decode steps, until costs are measured.
+const DEFAULT_ROW_COST: f64 = 0.3;
+/// Weight of the newest observation in a source's acceptance average.
+const SOURCE_EMA: f64 = 0.1;
+
+/// Model-free drafter: prompt lookup first, token recycling to fill the rest. It limits itself: a token is
+/// proposed only while the estimated probability that it and every token before it are accepted stays
+/// above the measured cost of one more verified position relative to a decode step, so a poor match costs
+/// nothing and a good one is used in full.
 pub struct NgramDrafter {
     kind: DrafterKind,
     cfg: NgramConfig,
     /// token -> the target's latest top candidates after it, best first.
     table: HashMap<u32, Vec<u32>>,
+    /// Measured acceptance per [`Source`].
+    accept: [f64; 4],
+    /// Sources of the last proposal's tokens, to credit in `observe`.
+    pending: Vec<Source>,
+    /// Cost of a verify step with k drafts as a multiple of a decode step (index k).
+    step_costs: Vec<f64>,
 }
 
 impl NgramDrafter {
@@ -235,6 +274,9 @@ impl NgramDrafter {
             kind: DrafterKind::Ngram,
             cfg,
             table: HashMap::new(),
+            accept: SOURCE_PRIOR,
+            pending: Vec::new(),
+            step_costs: Vec::new(),
         }
     }
 
@@ -243,8 +285,9 @@ impl NgramDrafter {
         self.kind = kind;
     }
 
-    /// The continuation after the latest earlier occurrence of the longest matching suffix n-gram.
-    fn lookup(&self, history: &[u32], k: usize) -> Vec<u32> {
+    /// The continuation after the latest earlier occurrence of the longest matching suffix n-gram, and
+    /// the match length.
+    fn lookup(&self, history: &[u32], k: usize) -> (Vec<u32>, usize) {
         let len = history.len();
         for n in (self.cfg.min_n..=self.cfg.max_n.min(len.saturating_sub(1))).rev() {
             let suffix = &history[len - n..];
@@ -254,11 +297,11 @@ impl NgramDrafter {
                 let from = s + n;
                 let take = k.min(len - from);
                 if take > 0 {
-                    return history[from..from + take].to_vec();
+                    return (history[from..from + take].to_vec(), n);
                 }
             }
         }
-        Vec::new()
+        (Vec::new(), 0)
     }
 
     fn record(&mut self, token: u32, candidates: &[u32]) {
@@ -285,6 +328,7 @@ impl Drafter for NgramDrafter {
         for w in prompt.windows(2) {
             self.table.entry(w[0]).or_insert_with(|| vec![w[1]]);
         }
+        self.pending.clear();
         Ok(())
     }
 
@@ -295,20 +339,48 @@ impl Drafter for NgramDrafter {
         _params: &SamplingParams,
         _sampler: &mut Sampler,
     ) -> Result<Proposal, EngineError> {
+        self.pending.clear();
         if k == 0 || history.is_empty() {
             return Ok(Proposal::default());
         }
-        let mut tokens = self.lookup(history, k);
+        let (mut tokens, n) = self.lookup(history, k);
+        let lookup_source = match n {
+            0 => Source::Recycle,
+            1 => Source::LookupOne,
+            2 => Source::LookupPair,
+            _ => Source::LookupLong,
+        };
+        let mut sources = vec![lookup_source; tokens.len()];
         let mut last = *tokens.last().unwrap_or(&history[history.len() - 1]);
         while tokens.len() < k {
             match self.table.get(&last).and_then(|c| c.first()) {
                 Some(&next) => {
                     tokens.push(next);
+                    sources.push(Source::Recycle);
                     last = next;
                 }
                 None => break,
             }
         }
+        // Keep the prefix with the best expected tokens per unit of verify cost: a draft of j tokens
+        // yields 1 + sum of P(first i accepted) tokens and costs step_costs[j] decode steps.
+        let (mut p, mut expected, mut keep, mut best) = (1.0, 1.0, 0, 1.0);
+        for (j, s) in sources.iter().enumerate() {
+            p *= self.accept[*s as usize];
+            expected += p;
+            let cost = self
+                .step_costs
+                .get(j + 1)
+                .copied()
+                .unwrap_or(1.0 + DEFAULT_ROW_COST * (j + 1) as f64);
+            if expected / cost > best {
+                best = expected / cost;
+                keep = j + 1;
+            }
+        }
+        tokens.truncate(keep);
+        sources.truncate(keep);
+        self.pending = sources;
         let q = tokens.iter().map(|&t| SparseDist::one_hot(t)).collect();
         Ok(Proposal { tokens, q })
     }
@@ -317,7 +389,28 @@ impl Drafter for NgramDrafter {
         self.cfg.width
     }
 
+    fn is_free(&self) -> bool {
+        true
+    }
+
+    fn set_step_costs(&mut self, costs: &[f64]) {
+        self.step_costs.clear();
+        self.step_costs.extend_from_slice(costs);
+    }
+
     fn observe(&mut self, feedback: &Feedback<'_>) {
+        // inputs = [last token, accepted drafts...]: the first `inputs.len() - 1` proposed tokens were
+        // accepted and the next one (if any) was rejected; later ones were never tested.
+        let accepted = feedback.inputs.len().saturating_sub(1);
+        for (i, s) in self.pending.iter().enumerate() {
+            if i > accepted {
+                break;
+            }
+            let hit = if i < accepted { 1.0 } else { 0.0 };
+            let a = &mut self.accept[*s as usize];
+            *a += SOURCE_EMA * (hit - *a);
+        }
+        self.pending.clear();
         for (&tok, top) in feedback.inputs.iter().zip(feedback.target_top) {
             self.record(tok, top);
         }
@@ -332,14 +425,15 @@ mod tests {
     fn lookup_continues_latest_match() {
         let d = NgramDrafter::new(NgramConfig::default());
         let h = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3];
-        assert_eq!(d.lookup(&h, 2), vec![5, 7]);
-        assert_eq!(d.lookup(&h, 10), vec![5, 7, 1, 2, 3]);
-        assert!(d.lookup(&[1, 2, 3], 4).is_empty());
+        assert_eq!(d.lookup(&h, 2), (vec![5, 7], 3));
+        assert_eq!(d.lookup(&h, 10), (vec![5, 7, 1, 2, 3], 3));
+        assert!(d.lookup(&[1, 2, 3], 4).0.is_empty());
     }
 
     #[test]
     fn recycling_follows_target_candidates() {
         let mut d = NgramDrafter::new(NgramConfig::default());
+        d.set_step_costs(&[1.0, 1.05, 1.1, 1.15]);
         d.observe(&Feedback {
             inputs: &[10, 11],
             target_top: &[vec![11, 3], vec![12, 4]],
@@ -350,6 +444,30 @@ mod tests {
             .expect("propose");
         assert_eq!(p.tokens, vec![11, 12]);
         assert_eq!(p.q.len(), 2);
+    }
+
+    #[test]
+    fn proposals_shrink_when_a_source_keeps_failing() {
+        let mut d = NgramDrafter::new(NgramConfig::default());
+        d.set_step_costs(&[1.0, 1.1, 1.2, 1.3, 1.4]);
+        let h = [1, 2, 3, 4, 5, 6, 9, 1, 2, 3];
+        let mut s = Sampler::new(Some(1));
+        let params = SamplingParams::greedy();
+        let first = d.propose(&h, 4, &params, &mut s).expect("propose");
+        assert_eq!(first.tokens, vec![4, 5, 6, 9]);
+        // Reject the first token every time: the long-lookup source's acceptance falls below the cost.
+        for _ in 0..40 {
+            d.propose(&h, 4, &params, &mut s).expect("propose");
+            d.observe(&Feedback {
+                inputs: &[3],
+                target_top: &[vec![7]],
+            });
+        }
+        assert!(d
+            .propose(&h, 4, &params, &mut s)
+            .expect("propose")
+            .tokens
+            .is_empty());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod drafter;
 pub mod error;
+pub mod kernels;
 pub mod kv;
 pub mod load;
 pub mod model;

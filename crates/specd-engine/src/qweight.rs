@@ -30,6 +30,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::EngineError;
+use crate::kernels::{self, MultiRow};
 
 /// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
 const COLS_PER_TASK: usize = 64;
@@ -258,11 +259,14 @@ impl QWeight {
             QData::Q4_0(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q4_1(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q5_1(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q8_0(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q8_0(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q2K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q3K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q4K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q4K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q5K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q6K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q6K(w) => matmul_blocks(w, self.n, self.k, x, m),
         }
     }
@@ -344,6 +348,31 @@ fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) 
                     chunk[c * m + r] = T::vec_dot(k, wc, &xq[r * kb..(r + 1) * kb]);
                 }
                 c += 1;
+            }
+        });
+    transpose(&out_t, n, m)
+}
+
+/// Multi-row kernel path: the column's blocks are decoded once for up to four rows at a time
+/// (`kernels.rs`); per-row arithmetic is the same as `matmul_blocks`' `vec_dot`, bit for bit.
+fn matmul_multi<T>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32>
+where
+    T: GgmlType + MultiRow<Act = <T as GgmlType>::VecDotType>,
+{
+    let kb = k / T::BLCK_SIZE;
+    let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
+    for r in 0..m {
+        T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
+    }
+    let rows: Vec<&[T::VecDotType]> = xq.chunks_exact(kb).collect();
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(COLS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let c0 = task * COLS_PER_TASK;
+            for (c, dst) in chunk.chunks_exact_mut(m).enumerate() {
+                T::dot_rows(&w[(c0 + c) * kb..(c0 + c + 1) * kb], &rows, dst);
             }
         });
     transpose(&out_t, n, m)

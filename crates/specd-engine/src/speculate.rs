@@ -201,10 +201,15 @@ impl Generator {
                 break FinishReason::Context;
             }
             let room = (opts.max_new_tokens - out.len() - 1).min(context - history.len());
-            let want = if self.drafter.is_some() {
-                controller.choose(&self.costs).min(room)
-            } else {
-                0
+            let want = match self.drafter.as_mut() {
+                // A free drafter is asked every step for as much as the budget allows and limits itself by
+                // the measured cost of a verified position.
+                Some(d) if d.is_free() => {
+                    d.set_step_costs(&step_costs(&self.costs, max_k));
+                    opts.draft_len.unwrap_or(max_k).min(room)
+                }
+                Some(_) => controller.choose(&self.costs).min(room),
+                None => 0,
             };
             let t_draft = Instant::now();
             let proposal = match (self.drafter.as_mut(), want) {
@@ -269,6 +274,14 @@ impl Generator {
             }
             stats.steps += 1;
 
+            tracing::trace!(
+                step = stats.steps,
+                want,
+                drafted = k,
+                accepted = verdict.accepted,
+                verify_ms = ms,
+                "speculation step"
+            );
             let mut emitted: Vec<u32> = proposal.tokens[..verdict.accepted].to_vec();
             emitted.push(verdict.next_token);
             emitted.truncate(opts.max_new_tokens - out.len());
@@ -291,6 +304,18 @@ impl Generator {
         stats.finish = Some(finish);
         Ok((out, stats))
     }
+}
+
+/// Verify cost of k = 0..=max_k drafts as multiples of a plain decode step, from measurements (a line
+/// through them where a k was not measured yet).
+fn step_costs(costs: &CostModel, max_k: usize) -> Vec<f64> {
+    let base = costs.verify_ms(0).filter(|t| *t > 0.0);
+    (0..=max_k)
+        .map(|k| match (base, costs.verify_ms(k)) {
+            (Some(t0), Some(tk)) => (tk / t0).max(1.0),
+            _ => 1.0 + 0.3 * k as f64,
+        })
+        .collect()
 }
 
 fn sample_one(

@@ -67,6 +67,29 @@ struct Row {
     speedup_vs_target: f64,
 }
 
+/// Sums over the prompts of one set for one config.
+#[derive(Debug, Default)]
+struct Accum {
+    tokens: usize,
+    decode_ms: f64,
+    steps: usize,
+    drafted: usize,
+    accepted: usize,
+    draft_ms: f64,
+    verify_ms: f64,
+    unequal: bool,
+}
+
+impl Accum {
+    fn tok_s(&self) -> f64 {
+        if self.decode_ms > 0.0 {
+            self.tokens as f64 / (self.decode_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     machine: String,
@@ -163,86 +186,84 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         )?;
     }
 
-    let mut reference: Vec<Vec<Vec<u32>>> = Vec::new();
-    let mut target_tok_s: Vec<f64> = Vec::new();
-    let mut rows = Vec::new();
-    for cfg in &configs {
-        let model: &LoadedModel = match cfg.runner {
-            Runner::Target => &target,
-            Runner::DrafterAlone => draft.as_ref().context("no draft model")?,
-        };
-        let drafter = build_drafter(cfg.drafter, &target, draft.as_ref(), args.model.self_layers)?;
-        let mut generator = Generator::new(model.model.clone(), drafter);
-        for (si, (set, prompts)) in sets.iter().enumerate() {
-            let mut opts = GenerateOptions::new(args.max_new_tokens, params.clone());
-            opts.draft_len = cfg.k;
-            opts.stop_ids = stop.clone();
-            let (mut gen, mut decode_ms, mut steps) = (0usize, 0f64, 0usize);
-            let (mut drafted, mut accepted, mut draft_ms, mut verify_ms) =
-                (0usize, 0usize, 0f64, 0f64);
-            let mut equal = true;
-            let mut outputs = Vec::new();
-            let started = Instant::now();
-            for (pi, ids) in prompts.iter().enumerate() {
-                let (out, st) = generator.generate(ids, &opts, |_| true)?;
-                gen += st.generated.saturating_sub(1);
-                decode_ms += st.decode_ms;
-                steps += st.steps;
-                drafted += st.drafted;
-                accepted += st.accepted;
-                draft_ms += st.draft_ms;
-                verify_ms += st.verify_ms;
-                if let Some(r) = reference.get(si) {
-                    equal &= r[pi] == out;
-                }
-                outputs.push(out);
-            }
-            if cfg.name == "target" {
-                reference.push(outputs);
-            }
-            let tok_s = if decode_ms > 0.0 {
-                gen as f64 / (decode_ms / 1000.0)
-            } else {
-                0.0
+    // Interleaved: for every prompt, every config in turn, so that whatever else the machine is doing
+    // weighs on all configs alike and the ratios stay meaningful.
+    let mut generators = configs
+        .iter()
+        .map(|cfg| {
+            let model: &LoadedModel = match cfg.runner {
+                Runner::Target => &target,
+                Runner::DrafterAlone => draft.as_ref().context("no draft model")?,
             };
-            if cfg.name == "target" {
-                target_tok_s.push(tok_s);
+            let drafter =
+                build_drafter(cfg.drafter, &target, draft.as_ref(), args.model.self_layers)?;
+            Ok(Generator::new(model.model.clone(), drafter))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for (set, prompts) in &sets {
+        let mut acc: Vec<Accum> = configs.iter().map(|_| Accum::default()).collect();
+        for (pi, ids) in prompts.iter().enumerate() {
+            let mut reference: Option<Vec<u32>> = None;
+            for (ci, cfg) in configs.iter().enumerate() {
+                let mut opts = GenerateOptions::new(args.max_new_tokens, params.clone());
+                opts.draft_len = cfg.k;
+                opts.stop_ids = stop.clone();
+                let (out, st) = generators[ci].generate(ids, &opts, |_| true)?;
+                let a = &mut acc[ci];
+                a.tokens += st.generated.saturating_sub(1);
+                a.decode_ms += st.decode_ms;
+                a.steps += st.steps;
+                a.drafted += st.drafted;
+                a.accepted += st.accepted;
+                a.draft_ms += st.draft_ms;
+                a.verify_ms += st.verify_ms;
+                match (&reference, cfg.runner) {
+                    (None, _) => reference = Some(out),
+                    (Some(r), Runner::Target) => a.unequal |= *r != out,
+                    (Some(_), Runner::DrafterAlone) => a.unequal = true,
+                }
             }
+            if !args.json {
+                eprintln!(
+                    "  {set} prompt {} done ({:.0} s)",
+                    pi + 1,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        let target_tok_s = acc[0].tok_s();
+        for (cfg, a) in configs.iter().zip(&acc) {
             let per_step = |v: f64| {
-                if steps == 0 {
+                if a.steps == 0 {
                     0.0
                 } else {
-                    round(v / steps as f64)
+                    round(v / a.steps as f64)
                 }
             };
-            let row = Row {
+            rows.push(Row {
                 name: cfg.name.to_string(),
                 drafter: cfg.drafter.name().to_string(),
                 k: cfg.k.map_or("adaptive".to_string(), |k| k.to_string()),
                 prompt_set: set.to_string(),
-                decode_tok_s: round(tok_s),
-                acceptance: if drafted == 0 {
+                decode_tok_s: round(a.tok_s()),
+                acceptance: if a.drafted == 0 {
                     0.0
                 } else {
-                    round(accepted as f64 / drafted as f64)
+                    round(a.accepted as f64 / a.drafted as f64)
                 },
-                mean_accepted: per_step(gen as f64),
-                draft_ms_per_step: per_step(draft_ms),
-                verify_ms_per_step: per_step(verify_ms),
-                greedy_equal: matches!(cfg.runner, Runner::Target) && equal,
-                tokens: gen,
-                speedup_vs_target: target_tok_s.get(si).map_or(1.0, |t| round(tok_s / t)),
-            };
-            if !args.json {
-                eprintln!(
-                    "  {:<20} {:<5} {:>6.2} tok/s  ({:.1} s)",
-                    row.name,
-                    row.prompt_set,
-                    row.decode_tok_s,
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            rows.push(row);
+                mean_accepted: per_step(a.tokens as f64),
+                draft_ms_per_step: per_step(a.draft_ms),
+                verify_ms_per_step: per_step(a.verify_ms),
+                greedy_equal: !a.unequal,
+                tokens: a.tokens,
+                speedup_vs_target: if target_tok_s > 0.0 {
+                    round(a.tok_s() / target_tok_s)
+                } else {
+                    0.0
+                },
+            });
         }
     }
     let report = Report {

@@ -120,6 +120,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         "drafted": stats.drafted,
         "accepted": stats.accepted,
         "prefill_ms": round(stats.prefill_ms),
+        "draft_ms": round(stats.draft_ms),
+        "verify_ms": round(stats.verify_ms),
+        "decode_ms": round(stats.decode_ms),
         "finish": format!("{:?}", stats.finish.unwrap_or(specd_engine::FinishReason::Length)).to_lowercase(),
     });
     if args.json_stats {
