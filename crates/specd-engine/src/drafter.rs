@@ -168,7 +168,8 @@ impl Drafter for ModelDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError> {
         self.cache.truncate(0);
         self.fed.clear();
-        if prompt.len() > 1 {
+        // A prompt beyond the draft model's context is decoded without drafts (`propose` returns none).
+        if prompt.len() > 1 && prompt.len() < self.model.config().context {
             // Prefill all but the last prompt token; the first proposal feeds that one.
             let n = prompt.len() - 1;
             self.model
@@ -248,6 +249,8 @@ enum Source {
 const SOURCE_PRIOR: [f64; 4] = [0.7, 0.5, 0.3, 0.3];
 /// Assumed cost of one more verified position, in decode steps, until costs are measured.
 const DEFAULT_ROW_COST: f64 = 0.3;
+/// Per-proposal pull of every source's estimate back toward its prior.
+const SOURCE_DECAY: f64 = 0.01;
 /// Weight of the newest observation in a source's acceptance average.
 const SOURCE_EMA: f64 = 0.1;
 
@@ -361,6 +364,11 @@ impl Drafter for NgramDrafter {
                 }
                 None => break,
             }
+        }
+        // Estimates drift back toward the priors while unused, so a source that was switched off is
+        // tried again now and then instead of never.
+        for (a, prior) in self.accept.iter_mut().zip(SOURCE_PRIOR) {
+            *a += SOURCE_DECAY * (prior - *a);
         }
         // Keep the prefix with the best expected tokens per unit of verify cost: a draft of j tokens
         // yields 1 + sum of P(first i accepted) tokens and costs step_costs[j] decode steps.

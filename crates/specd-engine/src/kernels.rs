@@ -105,9 +105,11 @@ macro_rules! dispatch_rows {
     ($kernel:ident, $mirror:ty, $w:expr, $ys:expr, $out:expr) => {{
         let (w, ys, out) = ($w, $ys, $out);
         let c = |r: usize| -> &[$mirror] { cast(ys[r]) };
+        // Groups as even as possible (9 rows: 3+3+3, not 4+4+1): a lone row pays the whole weight decode.
+        let groups = ys.len().div_ceil(ROWS);
         let mut r = 0;
-        while r < ys.len() {
-            let n = (ys.len() - r).min(ROWS);
+        for g in 0..groups {
+            let n = (ys.len() - r) / (groups - g);
             // SAFETY: callers check `available()` (AVX2 + FMA); slices are the mirrored layouts of the
             // blocks they came from, and every row has as many blocks as the weight column.
             unsafe {
@@ -120,6 +122,7 @@ macro_rules! dispatch_rows {
             }
             r += n;
         }
+        debug_assert_eq!(r, ys.len());
     }};
 }
 

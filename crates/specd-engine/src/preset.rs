@@ -116,6 +116,13 @@ pub fn check_pair(target: &LoadedModel, draft: &LoadedModel) -> Result<(), Engin
             target: format!("{} ({})", target.path.display(), t),
         });
     }
+    let (tv, dv) = (target.model.config().vocab, draft.model.config().vocab);
+    if tv != dv {
+        return Err(EngineError::TokenizerMismatch {
+            drafter: format!("{} (vocabulary of {dv})", draft.path.display()),
+            target: format!("{} (vocabulary of {tv})", target.path.display()),
+        });
+    }
     Ok(())
 }
 

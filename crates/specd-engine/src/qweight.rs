@@ -350,7 +350,7 @@ fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) 
                 c += 1;
             }
         });
-    transpose(&out_t, n, m)
+    transpose(out_t, n, m)
 }
 
 /// Multi-row kernel path: the column's blocks are decoded once for up to four rows at a time
@@ -375,7 +375,7 @@ where
                 T::dot_rows(&w[(c0 + c) * kb..(c0 + c + 1) * kb], &rows, dst);
             }
         });
-    transpose(&out_t, n, m)
+    transpose(out_t, n, m)
 }
 
 /// Float kernel: a fixed 8-lane accumulation order per dot product, independent of m.
@@ -393,7 +393,7 @@ fn matmul_f32(w: &[f32], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
                 }
             }
         });
-    transpose(&out_t, n, m)
+    transpose(out_t, n, m)
 }
 
 /// Deterministic f32 dot product: 8 independent lanes (vectorizes), summed in a fixed tree.
@@ -413,9 +413,9 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-fn transpose(src: &[f32], n: usize, m: usize) -> Vec<f32> {
+fn transpose(src: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
     if m == 1 {
-        return src.to_vec();
+        return src;
     }
     let mut out = vec![0f32; n * m];
     for c in 0..n {

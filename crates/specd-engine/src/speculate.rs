@@ -166,6 +166,7 @@ impl Generator {
         let mut sampler = Sampler::new(params.seed);
         let max_k = opts.draft_len.unwrap_or(opts.max_draft_len);
         let mut controller = SpecLenController::new(max_k, opts.draft_len);
+        let nominal = nominal_costs();
 
         let t0 = Instant::now();
         let mut cache = self.target.new_cache();
@@ -200,15 +201,23 @@ impl Generator {
             if history.len() >= context {
                 break FinishReason::Context;
             }
-            let room = (opts.max_new_tokens - out.len() - 1).min(context - history.len());
+            // Drafts plus the correction/bonus token must fit: the sequence may reach `context` tokens.
+            let room = (opts.max_new_tokens - out.len() - 1).min(context - history.len() - 1);
+            // A seeded request must be reproducible, so its draft lengths may not depend on timings: it
+            // plans with nominal costs instead of measured ones.
+            let costs = if params.seed.is_some() {
+                &nominal
+            } else {
+                &self.costs
+            };
             let want = match self.drafter.as_mut() {
                 // A free drafter is asked every step for as much as the budget allows and limits itself by
                 // the measured cost of a verified position.
                 Some(d) if d.is_free() => {
-                    d.set_step_costs(&step_costs(&self.costs, max_k));
+                    d.set_step_costs(&step_costs(costs, max_k));
                     opts.draft_len.unwrap_or(max_k).min(room)
                 }
-                Some(_) => controller.choose(&self.costs).min(room),
+                Some(_) => controller.choose(costs).min(room),
                 None => 0,
             };
             let t_draft = Instant::now();
@@ -304,6 +313,16 @@ impl Generator {
         stats.finish = Some(finish);
         Ok((out, stats))
     }
+}
+
+/// Costs used when timings must not steer decisions (seeded requests): a draft token costs a quarter of a
+/// decode step, each verified position 0.3 of one.
+fn nominal_costs() -> CostModel {
+    let mut c = CostModel::new(DEFAULT_MAX_DRAFT);
+    c.record_draft(1, 0.25);
+    c.record_verify(0, 1.0);
+    c.record_verify(4, 2.2);
+    c
 }
 
 /// Verify cost of k = 0..=max_k drafts as multiples of a plain decode step, from measurements (a line
