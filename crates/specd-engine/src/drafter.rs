@@ -249,6 +249,10 @@ enum Source {
 const SOURCE_PRIOR: [f64; 4] = [0.7, 0.5, 0.3, 0.3];
 /// Assumed cost of one more verified position, in decode steps, until costs are measured.
 const DEFAULT_ROW_COST: f64 = 0.3;
+/// Relative gain over plain decoding a draft must promise before it is proposed.
+const DRAFT_MARGIN: f64 = 0.05;
+/// The margin of the `auto` drafter.
+const AUTO_MARGIN: f64 = 0.10;
 /// Per-proposal pull of every source's estimate back toward its prior.
 const SOURCE_DECAY: f64 = 0.01;
 /// Weight of the newest observation in a source's acceptance average.
@@ -269,6 +273,8 @@ pub struct NgramDrafter {
     pending: Vec<Source>,
     /// Cost of a verify step with k drafts as a multiple of a decode step (index k).
     step_costs: Vec<f64>,
+    /// Relative gain over plain decoding a draft must promise.
+    margin: f64,
 }
 
 impl NgramDrafter {
@@ -280,12 +286,19 @@ impl NgramDrafter {
             accept: SOURCE_PRIOR,
             pending: Vec::new(),
             step_costs: Vec::new(),
+            margin: DRAFT_MARGIN,
         }
     }
 
-    /// Reports itself as `kind` (the engine's `auto` choice is this drafter).
+    /// Reports itself as `kind`. The engine's `auto` choice is this drafter with a wider margin: it drafts
+    /// only where it expects to beat plain decoding clearly, so it never costs noticeably.
     pub fn set_kind(&mut self, kind: DrafterKind) {
         self.kind = kind;
+        self.margin = if kind == DrafterKind::Auto {
+            AUTO_MARGIN
+        } else {
+            DRAFT_MARGIN
+        };
     }
 
     /// The continuation after the latest earlier occurrence of the longest matching suffix n-gram, and
@@ -372,7 +385,9 @@ impl Drafter for NgramDrafter {
         }
         // Keep the prefix with the best expected tokens per unit of verify cost: a draft of j tokens
         // yields 1 + sum of P(first i accepted) tokens and costs step_costs[j] decode steps.
-        let (mut p, mut expected, mut keep, mut best) = (1.0, 1.0, 0, 1.0);
+        // A draft must beat plain decoding by a margin that covers what the cost curve does not see
+        // (feedback bookkeeping, measurement noise).
+        let (mut p, mut expected, mut keep, mut best) = (1.0, 1.0, 0, 1.0 + self.margin);
         for (j, s) in sources.iter().enumerate() {
             p *= self.accept[*s as usize];
             expected += p;

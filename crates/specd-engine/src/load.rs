@@ -297,3 +297,106 @@ pub fn load_safetensors(dir: &Path) -> Result<Model, EngineError> {
     check_shapes(&cfg, &weights)?;
     Model::new(cfg, Arc::new(weights))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::model::LogitsWanted;
+
+    /// Writes a tiny Hugging Face style Qwen2 checkpoint; `skip` leaves one tensor out.
+    fn write_hf(dir: &Path, skip: Option<&str>) {
+        let (d, heads, kv, layers, ffn, vocab) =
+            (64usize, 4usize, 2usize, 2usize, 128usize, 50usize);
+        let hd = d / heads;
+        let config = serde_json::json!({
+            "model_type": "qwen2", "hidden_size": d, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "num_hidden_layers": layers, "intermediate_size": ffn,
+            "vocab_size": vocab, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+        let mut seed = 1u64;
+        let mut rand = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.3
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+        };
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        t.insert("model.embed_tokens.weight".into(), rand(&[vocab, d]));
+        t.insert(
+            "model.norm.weight".into(),
+            Tensor::ones(d, candle_core::DType::F32, &Device::Cpu).expect("ones"),
+        );
+        for i in 0..layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![d]),
+                ("post_attention_layernorm.weight", vec![d]),
+                ("self_attn.q_proj.weight", vec![heads * hd, d]),
+                ("self_attn.q_proj.bias", vec![heads * hd]),
+                ("self_attn.k_proj.weight", vec![kv * hd, d]),
+                ("self_attn.k_proj.bias", vec![kv * hd]),
+                ("self_attn.v_proj.weight", vec![kv * hd, d]),
+                ("self_attn.v_proj.bias", vec![kv * hd]),
+                ("self_attn.o_proj.weight", vec![d, heads * hd]),
+                ("mlp.gate_proj.weight", vec![ffn, d]),
+                ("mlp.up_proj.weight", vec![ffn, d]),
+                ("mlp.down_proj.weight", vec![d, ffn]),
+            ] {
+                t.insert(p(name), rand(&shape));
+            }
+        }
+        if let Some(s) = skip {
+            t.remove(s);
+        }
+        candle_core::safetensors::save(&t, dir.join("model.safetensors")).expect("save");
+    }
+
+    #[test]
+    fn safetensors_model_loads_and_is_batch_invariant() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_hf(dir.path(), None);
+        let model = load_safetensors(dir.path()).expect("load");
+        assert_eq!(model.config().vocab, 50);
+        let tokens = [3u32, 17, 42, 8, 0, 49];
+        let mut all = model.new_cache();
+        let batched = model
+            .forward(&mut all, &tokens, LogitsWanted::All)
+            .expect("forward");
+        assert!(batched.iter().all(|v| v.is_finite()));
+        let mut one = model.new_cache();
+        for (i, t) in tokens.iter().enumerate() {
+            let row = model
+                .forward(&mut one, &[*t], LogitsWanted::Last)
+                .expect("forward");
+            assert_eq!(row, batched[i * 50..(i + 1) * 50].to_vec(), "position {i}");
+        }
+    }
+
+    #[test]
+    fn safetensors_errors_name_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            load_safetensors(dir.path()),
+            Err(EngineError::ModelNotFound { .. })
+        ));
+        write_hf(dir.path(), Some("model.layers.1.mlp.up_proj.weight"));
+        let err = load_safetensors(dir.path()).expect_err("missing tensor");
+        assert!(
+            err.to_string()
+                .contains("model.layers.1.mlp.up_proj.weight"),
+            "{err}"
+        );
+    }
+}

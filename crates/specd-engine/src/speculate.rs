@@ -113,6 +113,9 @@ pub struct Generator {
     target: Model,
     drafter: Option<Box<dyn Drafter>>,
     costs: CostModel,
+    /// The drafter's measured acceptance and probing state, kept across sequences (what a drafter gets
+    /// right on one request it mostly gets right on the next), keyed by its (max k, pinned k).
+    controller: Option<((usize, Option<usize>), SpecLenController)>,
 }
 
 impl Generator {
@@ -121,6 +124,7 @@ impl Generator {
             target,
             drafter,
             costs: CostModel::new(64),
+            controller: None,
         }
     }
 
@@ -165,7 +169,6 @@ impl Generator {
         let params = &opts.params;
         let mut sampler = Sampler::new(params.seed);
         let max_k = opts.draft_len.unwrap_or(opts.max_draft_len);
-        let mut controller = SpecLenController::new(max_k, opts.draft_len);
         let nominal = nominal_costs();
 
         let t0 = Instant::now();
@@ -191,6 +194,12 @@ impl Generator {
             return Ok((out, stats));
         }
 
+        // Seeded requests start from a fresh controller, so they do not depend on earlier traffic.
+        let key = (max_k, opts.draft_len);
+        let mut controller = match self.controller.take() {
+            Some((k, c)) if k == key && params.seed.is_none() => c,
+            _ => SpecLenController::new(max_k, opts.draft_len),
+        };
         let decode_start = Instant::now();
         let vocab = self.target.config().vocab;
         let finish = loop {
@@ -310,6 +319,9 @@ impl Generator {
             }
         };
         stats.decode_ms = ms_since(decode_start);
+        if params.seed.is_none() {
+            self.controller = Some((key, controller));
+        }
         stats.finish = Some(finish);
         Ok((out, stats))
     }
