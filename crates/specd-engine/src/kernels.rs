@@ -210,29 +210,13 @@ const K6_SHUFFLE: [u8; 128] = {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q4k_rows<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [f32]) {
-    const KMASK1: u32 = 0x3f3f3f3f;
-    const KMASK2: u32 = 0x0f0f0f0f;
-    const KMASK3: u32 = 0x03030303;
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut acc_m = [_mm_setzero_ps(); R];
     for (b, x) in xs.iter().enumerate() {
         let xd = f16_to_f32(x.d);
         let xdmin = f16_to_f32(x.dmin);
-        let mut utmp = [0u32; 4];
-        for (i, u) in utmp.iter_mut().take(3).enumerate() {
-            *u = u32::from_le_bytes([
-                x.scales[4 * i],
-                x.scales[4 * i + 1],
-                x.scales[4 * i + 2],
-                x.scales[4 * i + 3],
-            ]);
-        }
-        utmp[3] = ((utmp[2] >> 4) & KMASK2) | (((utmp[1] >> 6) & KMASK3) << 4);
-        let uaux = utmp[1] & KMASK1;
-        utmp[1] = (utmp[2] & KMASK2) | (((utmp[0] >> 6) & KMASK3) << 4);
-        utmp[2] = uaux;
-        utmp[0] &= KMASK1;
+        let utmp = q4k_scales_mins(x);
         let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
             utmp[3] as i32,
             utmp[2] as i32,
@@ -687,6 +671,41 @@ mod tests {
                     out[r].to_bits(),
                     want.to_bits(),
                     "{dtype:?} rows={rows} r={r}"
+                );
+            }
+        }
+    }
+
+    /// The AVX2 kernels directly, whatever `vnni()` says, so both paths are covered on any machine.
+    #[test]
+    fn avx2_kernels_match_candle_bitwise() {
+        if !available() {
+            eprintln!("SKIP: no AVX2/FMA");
+            return;
+        }
+        let k = 512;
+        let w4: Vec<BlockQ4K> = blocks(GgmlDType::Q4K, 1, k, 3);
+        let w6: Vec<BlockQ6K> = blocks(GgmlDType::Q6K, 1, k, 4);
+        for rows in 1..=9 {
+            let acts: Vec<Vec<BlockQ8K>> = (0..rows)
+                .map(|r| {
+                    let mut q: Vec<BlockQ8K> = (0..k / 256).map(|_| BlockQ8K::zeros()).collect();
+                    BlockQ8K::from_float(&random(k, 200 + r as u64), &mut q);
+                    q
+                })
+                .collect();
+            let ys: Vec<&[BlockQ8K]> = acts.iter().map(|a| a.as_slice()).collect();
+            let (mut o4, mut o6) = (vec![0f32; rows], vec![0f32; rows]);
+            dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(&w4), &ys, &mut o4[..]);
+            dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(&w6), &ys, &mut o6[..]);
+            for r in 0..rows {
+                assert_eq!(
+                    o4[r].to_bits(),
+                    BlockQ4K::vec_dot(k, &w4, &acts[r]).to_bits()
+                );
+                assert_eq!(
+                    o6[r].to_bits(),
+                    BlockQ6K::vec_dot(k, &w6, &acts[r]).to_bits()
                 );
             }
         }

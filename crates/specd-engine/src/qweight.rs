@@ -307,15 +307,23 @@ impl QWeight {
     }
 }
 
-/// Quantized kernel: activation rows are quantized to the weight type's dot-product type one row at a
-/// time, then every `(row, col)` is one `vec_dot` (quads of columns use `vec_dot_4`, chosen by column index
-/// alone).
-fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+/// Quantizes each activation row by itself to the weight type's dot-product type (row-independent by
+/// construction: the scale of a block depends on that block of that row alone).
+fn quantize_rows<T: GgmlType>(x: &[f32], m: usize, k: usize) -> Vec<T::VecDotType> {
     let kb = k / T::BLCK_SIZE;
     let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
     for r in 0..m {
         T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
     }
+    xq
+}
+
+/// Quantized kernel: activation rows are quantized to the weight type's dot-product type one row at a
+/// time, then every `(row, col)` is one `vec_dot` (quads of columns use `vec_dot_4`, chosen by column index
+/// alone).
+fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let kb = k / T::BLCK_SIZE;
+    let xq = quantize_rows::<T>(x, m, k);
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(COLS_PER_TASK * m)
@@ -360,10 +368,7 @@ where
     T: GgmlType + MultiRow<Act = <T as GgmlType>::VecDotType>,
 {
     let kb = k / T::BLCK_SIZE;
-    let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
-    for r in 0..m {
-        T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
-    }
+    let xq = quantize_rows::<T>(x, m, k);
     let rows: Vec<&[T::VecDotType]> = xq.chunks_exact(kb).collect();
     let mut out_t = vec![0f32; n * m];
     out_t
