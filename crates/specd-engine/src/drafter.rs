@@ -224,7 +224,7 @@ pub struct NgramConfig {
 impl Default for NgramConfig {
     fn default() -> Self {
         Self {
-            max_n: 4,
+            max_n: 8,
             min_n: 1,
             width: 4,
             max_entries: 65_536,
@@ -235,18 +235,24 @@ impl Default for NgramConfig {
 /// Where a drafted token came from; each source has its own measured acceptance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
-    /// Prompt lookup with a suffix match of 3 or more tokens.
-    LookupLong = 0,
+    /// Prompt lookup with a suffix match of 6 or more tokens (the model is copying).
+    LookupCopy = 0,
+    /// Prompt lookup with a 3 to 5 token match.
+    LookupLong = 1,
     /// Prompt lookup with a 2-token match.
-    LookupPair = 1,
+    LookupPair = 2,
     /// Prompt lookup with a 1-token match.
-    LookupOne = 2,
+    LookupOne = 3,
     /// Token recycling.
-    Recycle = 3,
+    Recycle = 4,
 }
 
-/// Prior acceptance per source, before anything is measured.
-const SOURCE_PRIOR: [f64; 4] = [0.7, 0.5, 0.3, 0.3];
+const SOURCES: usize = 5;
+
+/// Prior acceptance per source of the first token it drafts in a proposal, and of each further token
+/// once the ones before were accepted (a copy that has started tends to go on).
+const FIRST_PRIOR: [f64; SOURCES] = [0.8, 0.6, 0.45, 0.3, 0.3];
+const CONTINUE_PRIOR: [f64; SOURCES] = [0.9, 0.8, 0.7, 0.6, 0.4];
 /// Assumed cost of one more verified position, in decode steps, until costs are measured.
 const DEFAULT_ROW_COST: f64 = 0.3;
 /// Relative gain over plain decoding a draft must promise before it is proposed.
@@ -267,10 +273,11 @@ pub struct NgramDrafter {
     cfg: NgramConfig,
     /// token -> the target's latest top candidates after it, best first.
     table: HashMap<u32, Vec<u32>>,
-    /// Measured acceptance per [`Source`].
-    accept: [f64; 4],
-    /// Sources of the last proposal's tokens, to credit in `observe`.
-    pending: Vec<Source>,
+    /// Measured acceptance per [`Source`] of a first token and of a continuation token.
+    first: [f64; SOURCES],
+    cont: [f64; SOURCES],
+    /// Source of each token of the last proposal and whether it continued its source's run.
+    pending: Vec<(Source, bool)>,
     /// Cost of a verify step with k drafts as a multiple of a decode step (index k).
     step_costs: Vec<f64>,
     /// Relative gain over plain decoding a draft must promise.
@@ -283,7 +290,8 @@ impl NgramDrafter {
             kind: DrafterKind::Ngram,
             cfg,
             table: HashMap::new(),
-            accept: SOURCE_PRIOR,
+            first: FIRST_PRIOR,
+            cont: CONTINUE_PRIOR,
             pending: Vec::new(),
             step_costs: Vec::new(),
             margin: DRAFT_MARGIN,
@@ -364,7 +372,8 @@ impl Drafter for NgramDrafter {
             0 => Source::Recycle,
             1 => Source::LookupOne,
             2 => Source::LookupPair,
-            _ => Source::LookupLong,
+            3..=5 => Source::LookupLong,
+            _ => Source::LookupCopy,
         };
         let mut sources = vec![lookup_source; tokens.len()];
         let mut last = *tokens.last().unwrap_or(&history[history.len() - 1]);
@@ -380,16 +389,28 @@ impl Drafter for NgramDrafter {
         }
         // Estimates drift back toward the priors while unused, so a source that was switched off is
         // tried again now and then instead of never.
-        for (a, prior) in self.accept.iter_mut().zip(SOURCE_PRIOR) {
+        for (a, prior) in self.first.iter_mut().zip(FIRST_PRIOR) {
             *a += SOURCE_DECAY * (prior - *a);
         }
+        for (a, prior) in self.cont.iter_mut().zip(CONTINUE_PRIOR) {
+            *a += SOURCE_DECAY * (prior - *a);
+        }
+        let tagged: Vec<(Source, bool)> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i > 0 && sources[i - 1] == *s))
+            .collect();
         // Keep the prefix with the best expected tokens per unit of verify cost: a draft of j tokens
         // yields 1 + sum of P(first i accepted) tokens and costs step_costs[j] decode steps.
         // A draft must beat plain decoding by a margin that covers what the cost curve does not see
         // (feedback bookkeeping, measurement noise).
         let (mut p, mut expected, mut keep, mut best) = (1.0, 1.0, 0, 1.0 + self.margin);
-        for (j, s) in sources.iter().enumerate() {
-            p *= self.accept[*s as usize];
+        for (j, (s, continues)) in tagged.iter().enumerate() {
+            p *= if *continues {
+                self.cont[*s as usize]
+            } else {
+                self.first[*s as usize]
+            };
             expected += p;
             let cost = self
                 .step_costs
@@ -401,9 +422,10 @@ impl Drafter for NgramDrafter {
                 keep = j + 1;
             }
         }
+        tracing::trace!(matched = n, found = tokens.len(), keep, "n-gram proposal");
         tokens.truncate(keep);
-        sources.truncate(keep);
-        self.pending = sources;
+        self.pending = tagged;
+        self.pending.truncate(keep);
         let q = tokens.iter().map(|&t| SparseDist::one_hot(t)).collect();
         Ok(Proposal { tokens, q })
     }
@@ -425,12 +447,16 @@ impl Drafter for NgramDrafter {
         // inputs = [last token, accepted drafts...]: the first `inputs.len() - 1` proposed tokens were
         // accepted and the next one (if any) was rejected; later ones were never tested.
         let accepted = feedback.inputs.len().saturating_sub(1);
-        for (i, s) in self.pending.iter().enumerate() {
+        for (i, (s, continues)) in self.pending.iter().enumerate() {
             if i > accepted {
                 break;
             }
             let hit = if i < accepted { 1.0 } else { 0.0 };
-            let a = &mut self.accept[*s as usize];
+            let a = if *continues {
+                &mut self.cont[*s as usize]
+            } else {
+                &mut self.first[*s as usize]
+            };
             *a += SOURCE_EMA * (hit - *a);
         }
         self.pending.clear();
