@@ -93,7 +93,10 @@ pub fn available() -> bool {
 /// A weight format with a multi-row kernel.
 pub trait MultiRow: Sized {
     type Act;
-    /// `out[r] = dot(w, ys[r])` for every row. Requires [`available`].
+    /// Rewrites quantized activation rows, once per matmul, into the form `dot_rows` reads (work that
+    /// would otherwise be redone for every weight column). The rows are only fit for `dot_rows` after.
+    fn prepare(_acts: &mut [Self::Act]) {}
+    /// `out[r] = dot(w, ys[r])` for every row of prepared activations. Requires [`available`].
     fn dot_rows(w: &[Self], ys: &[&[Self::Act]], out: &mut [f32]);
 }
 
@@ -126,6 +129,12 @@ macro_rules! dispatch_rows {
     }};
 }
 
+fn cast_mut<A, B>(s: &mut [A]) -> &mut [B] {
+    debug_assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
+    // SAFETY: as `cast`; every bit pattern is valid for these plain-old-data blocks.
+    unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut B, s.len()) }
+}
+
 fn cast<A, B>(s: &[A]) -> &[B] {
     debug_assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
     // SAFETY: only called between a candle block type and its layout mirror (same size, alignment and
@@ -135,6 +144,15 @@ fn cast<A, B>(s: &[A]) -> &[B] {
 
 impl MultiRow for BlockQ4K {
     type Act = BlockQ8K;
+    /// Replaces each block's 16 sums of 16 activations by 8 sums of 32 (first half of `bsums`, wrapping
+    /// i16 adds exactly like `_mm_hadd_epi16`): the mins term needs only those.
+    fn prepare(acts: &mut [BlockQ8K]) {
+        for y in cast_mut::<_, Q8K>(acts) {
+            for s in 0..8 {
+                y.bsums[s] = y.bsums[2 * s].wrapping_add(y.bsums[2 * s + 1]);
+            }
+        }
+    }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
         if vnni() {
             dispatch_rows!(q4k_rows_vnni, Q8K, cast::<_, Q4K>(w), ys, out)
@@ -227,12 +245,8 @@ unsafe fn q4k_rows<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [f32])
         for r in 0..R {
             let y = &ys[r][b];
             let dmin = -y.d * xdmin;
-            // SAFETY: bsums is 16 i16 = 32 bytes.
-            let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i) };
-            let q8s = _mm_hadd_epi16(
-                _mm256_extracti128_si256(q8sums, 0),
-                _mm256_extracti128_si256(q8sums, 1),
-            );
+            // SAFETY: bsums is 16 i16; `prepare` left the 8 sums of 32 in its first 16 bytes.
+            let q8s = unsafe { _mm_loadu_si128(y.bsums.as_ptr() as *const __m128i) };
             let prod = _mm_madd_epi16(mins, q8s);
             acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
         }
@@ -429,12 +443,8 @@ unsafe fn q4k_rows_vnni<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [
         for r in 0..R {
             let y = &ys[r][b];
             let dmin = -y.d * xdmin;
-            // SAFETY: bsums is 16 i16 = 32 bytes.
-            let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i) };
-            let q8s = _mm_hadd_epi16(
-                _mm256_extracti128_si256(q8sums, 0),
-                _mm256_extracti128_si256(q8sums, 1),
-            );
+            // SAFETY: bsums is 16 i16; `prepare` left the 8 sums of 32 in its first 16 bytes.
+            let q8s = unsafe { _mm_loadu_si128(y.bsums.as_ptr() as *const __m128i) };
             let prod = _mm_madd_epi16(mins, q8s);
             acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
         }
@@ -662,7 +672,11 @@ mod tests {
                     q
                 })
                 .collect();
-            let ys: Vec<&[T::VecDotType]> = acts.iter().map(|a| a.as_slice()).collect();
+            let mut prepared = acts.clone();
+            for p in prepared.iter_mut() {
+                T::prepare(p);
+            }
+            let ys: Vec<&[T::VecDotType]> = prepared.iter().map(|a| a.as_slice()).collect();
             let mut out = vec![0f32; rows];
             T::dot_rows(&w, &ys, &mut out);
             for r in 0..rows {
@@ -695,8 +709,13 @@ mod tests {
                 })
                 .collect();
             let ys: Vec<&[BlockQ8K]> = acts.iter().map(|a| a.as_slice()).collect();
+            let mut prepared = acts.clone();
+            for p in prepared.iter_mut() {
+                BlockQ4K::prepare(p);
+            }
+            let ps: Vec<&[BlockQ8K]> = prepared.iter().map(|a| a.as_slice()).collect();
             let (mut o4, mut o6) = (vec![0f32; rows], vec![0f32; rows]);
-            dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(&w4), &ys, &mut o4[..]);
+            dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(&w4), &ps, &mut o4[..]);
             dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(&w6), &ys, &mut o6[..]);
             for r in 0..rows {
                 assert_eq!(

@@ -368,7 +368,8 @@ where
     T: GgmlType + MultiRow<Act = <T as GgmlType>::VecDotType>,
 {
     let kb = k / T::BLCK_SIZE;
-    let xq = quantize_rows::<T>(x, m, k);
+    let mut xq = quantize_rows::<T>(x, m, k);
+    T::prepare(&mut xq);
     let rows: Vec<&[T::VecDotType]> = xq.chunks_exact(kb).collect();
     let mut out_t = vec![0f32; n * m];
     out_t
