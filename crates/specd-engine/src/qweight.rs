@@ -34,6 +34,9 @@ use crate::kernels::{self, MultiRow};
 
 /// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
 const COLS_PER_TASK: usize = 64;
+/// Activation rows per pass over a task's columns (a multiple of the kernels' 4-row groups): long prefills
+/// keep a tile of quantized rows in cache instead of streaming every row once per column.
+const ROW_TILE: usize = 32;
 
 /// Quantized (or float) storage of one weight matrix, blocks laid out row-major over the n output rows.
 #[derive(Clone)]
@@ -332,30 +335,33 @@ fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) 
             let c0 = task * COLS_PER_TASK;
             let cols = chunk.len() / m;
             let col = |c: usize| &w[c * kb..(c + 1) * kb];
-            let mut c = 0;
-            while c + 4 <= cols {
-                let (w0, w1, w2, w3) = (
-                    col(c0 + c),
-                    col(c0 + c + 1),
-                    col(c0 + c + 2),
-                    col(c0 + c + 3),
-                );
-                for r in 0..m {
-                    let (d0, d1, d2, d3) =
-                        T::vec_dot_4(k, w0, w1, w2, w3, &xq[r * kb..(r + 1) * kb]);
-                    chunk[c * m + r] = d0;
-                    chunk[(c + 1) * m + r] = d1;
-                    chunk[(c + 2) * m + r] = d2;
-                    chunk[(c + 3) * m + r] = d3;
+            for t0 in (0..m).step_by(ROW_TILE) {
+                let rows = t0..m.min(t0 + ROW_TILE);
+                let mut c = 0;
+                while c + 4 <= cols {
+                    let (w0, w1, w2, w3) = (
+                        col(c0 + c),
+                        col(c0 + c + 1),
+                        col(c0 + c + 2),
+                        col(c0 + c + 3),
+                    );
+                    for r in rows.clone() {
+                        let (d0, d1, d2, d3) =
+                            T::vec_dot_4(k, w0, w1, w2, w3, &xq[r * kb..(r + 1) * kb]);
+                        chunk[c * m + r] = d0;
+                        chunk[(c + 1) * m + r] = d1;
+                        chunk[(c + 2) * m + r] = d2;
+                        chunk[(c + 3) * m + r] = d3;
+                    }
+                    c += 4;
                 }
-                c += 4;
-            }
-            while c < cols {
-                let wc = col(c0 + c);
-                for r in 0..m {
-                    chunk[c * m + r] = T::vec_dot(k, wc, &xq[r * kb..(r + 1) * kb]);
+                while c < cols {
+                    let wc = col(c0 + c);
+                    for r in rows.clone() {
+                        chunk[c * m + r] = T::vec_dot(k, wc, &xq[r * kb..(r + 1) * kb]);
+                    }
+                    c += 1;
                 }
-                c += 1;
             }
         });
     transpose(out_t, n, m)
@@ -377,8 +383,15 @@ where
         .enumerate()
         .for_each(|(task, chunk)| {
             let c0 = task * COLS_PER_TASK;
-            for (c, dst) in chunk.chunks_exact_mut(m).enumerate() {
-                T::dot_rows(&w[(c0 + c) * kb..(c0 + c + 1) * kb], &rows, dst);
+            for t0 in (0..m).step_by(ROW_TILE) {
+                let t1 = m.min(t0 + ROW_TILE);
+                for (c, dst) in chunk.chunks_exact_mut(m).enumerate() {
+                    T::dot_rows(
+                        &w[(c0 + c) * kb..(c0 + c + 1) * kb],
+                        &rows[t0..t1],
+                        &mut dst[t0..t1],
+                    );
+                }
             }
         });
     transpose(out_t, n, m)
