@@ -297,12 +297,37 @@ unsafe fn q4k_rows<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [f32])
     }
 }
 
+/// The 6-bit values of half `j` (128 values) of a Q6_K block as four vectors of 32 unsigned bytes
+/// (0..64, the value plus 32), llama.cpp's layout.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn q6k_unpack(x: &Q6K, j: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0xF);
+    let m2 = _mm256_set1_epi8(3);
+    // SAFETY: ql is 128 bytes (2 x 64), qh 64 bytes (2 x 32), j < 2.
+    let (q4bits1, q4bits2, q4bits_h) = unsafe {
+        (
+            _mm256_loadu_si256(x.ql.as_ptr().add(64 * j) as *const __m256i),
+            _mm256_loadu_si256(x.ql.as_ptr().add(64 * j + 32) as *const __m256i),
+            _mm256_loadu_si256(x.qh.as_ptr().add(32 * j) as *const __m256i),
+        )
+    };
+    let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
+    let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
+    let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
+    let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
+    [
+        _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0),
+        _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3),
+    ]
+}
+
 /// Q6_K x Q8_K for R rows (candle's `vec_dot_q6k_q8k`, per row).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q6k_rows<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [f32]) {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
     let m32s = _mm256_set1_epi8(32);
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, x) in xs.iter().enumerate() {
@@ -322,22 +347,7 @@ unsafe fn q6k_rows<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [f32])
                 }
             };
             let (s0, s1, s2, s3) = (sh(is), sh(is + 1), sh(is + 2), sh(is + 3));
-            // SAFETY: ql is 128 bytes (2 x 64), qh 64 bytes (2 x 32).
-            let (q4bits1, q4bits2, q4bits_h) = unsafe {
-                (
-                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * j) as *const __m256i),
-                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * j + 32) as *const __m256i),
-                    _mm256_loadu_si256(x.qh.as_ptr().add(32 * j) as *const __m256i),
-                )
-            };
-            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
-            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
-            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
-            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
-            let q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0);
-            let q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1);
-            let q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2);
-            let q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3);
+            let [q4_0, q4_1, q4_2, q4_3] = q6k_unpack(x, j);
             for r in 0..R {
                 let q8 = ys[r][b].qs.as_ptr();
                 // SAFETY: qs has 256 bytes = 8 x 32.
@@ -490,30 +500,13 @@ unsafe fn q4k_rows_vnni<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 unsafe fn q6k_rows_vnni<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [f32]) {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m2 = _mm256_set1_epi8(3);
     let m32s = _mm512_set1_epi8(32);
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, x) in xs.iter().enumerate() {
         let xd = f16_to_f32(x.d);
         let mut sumi = [_mm512_setzero_si512(); R];
         for j in 0..2 {
-            // SAFETY: ql is 128 bytes (2 x 64), qh 64 bytes (2 x 32).
-            let (q4bits1, q4bits2, q4bits_h) = unsafe {
-                (
-                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * j) as *const __m256i),
-                    _mm256_loadu_si256(x.ql.as_ptr().add(64 * j + 32) as *const __m256i),
-                    _mm256_loadu_si256(x.qh.as_ptr().add(32 * j) as *const __m256i),
-                )
-            };
-            let q4h_0 = _mm256_slli_epi16(_mm256_and_si256(q4bits_h, m2), 4);
-            let q4h_1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 2), m2), 4);
-            let q4h_2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 4), m2), 4);
-            let q4h_3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(q4bits_h, 6), m2), 4);
-            let q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m4), q4h_0);
-            let q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m4), q4h_1);
-            let q4_2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits1, 4), m4), q4h_2);
-            let q4_3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4bits2, 4), m4), q4h_3);
+            let [q4_0, q4_1, q4_2, q4_3] = q6k_unpack(x, j);
             let w01 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q4_0), q4_1);
             let w23 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q4_2), q4_3);
             // Scale of every 16 values: chunk c (32 values) has scales[8j + 2c] then [8j + 2c + 1]; as i16
