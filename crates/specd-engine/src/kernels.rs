@@ -619,20 +619,9 @@ unsafe fn q8_0_rows<const R: usize>(xs: &[Q80], ys: [&[Q80]; R], out: &mut [f32]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qweight::tests::random;
     use candle_core::quantized::{GgmlDType, GgmlType, QTensor};
     use candle_core::{Device, Tensor};
-
-    fn random(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     fn blocks<T: GgmlType>(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> Vec<T> {
         let t = Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).expect("tensor");

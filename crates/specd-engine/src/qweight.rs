@@ -446,12 +446,13 @@ fn transpose(src: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    fn random(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic pseudo-random values in [-0.5, 0.5) for kernel tests.
+    pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
