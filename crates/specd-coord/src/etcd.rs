@@ -190,13 +190,6 @@ impl EtcdStore {
         Ok(revision_of(resp.header()))
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
-        Ok(self
-            .get_entry(key)
-            .await?
-            .map(|e| (e.value, e.mod_revision)))
-    }
-
     pub(crate) async fn get_entry(&self, key: &str) -> Result<Option<Entry>> {
         let mut kv = self.client.kv_client();
         let resp = self.call(None, kv.get(key, None)).await?;

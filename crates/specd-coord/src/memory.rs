@@ -155,13 +155,6 @@ impl MemoryStore {
         Ok(st.put(&self.inner.events, key, value, lease))
     }
 
-    pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
-        Ok(self
-            .get_entry(key)
-            .await?
-            .map(|e| (e.value, e.mod_revision)))
-    }
-
     pub(crate) async fn get_entry(&self, key: &str) -> Result<Option<Entry>> {
         let st = self.lock();
         Ok(st.kv.get(key).map(|s| Entry {

@@ -80,7 +80,10 @@ impl Store {
 
     /// The value of `key` and its mod revision.
     pub async fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>> {
-        dispatch!(self, s => s.get(key).await)
+        Ok(self
+            .get_entry(key)
+            .await?
+            .map(|e| (e.value, e.mod_revision)))
     }
 
     pub(crate) async fn get_entry(&self, key: &str) -> Result<Option<Entry>> {

@@ -300,8 +300,7 @@ impl Generator {
                 verify_ms = ms,
                 "speculation step"
             );
-            let mut emitted: Vec<u32> = proposal.tokens[..verdict.accepted].to_vec();
-            emitted.push(verdict.next_token);
+            let mut emitted = verdict.emitted(&proposal.tokens);
             emitted.truncate(opts.max_new_tokens - out.len());
             let stop_at = emitted.iter().position(|t| opts.stop_ids.contains(t));
             if let Some(i) = stop_at {
