@@ -247,6 +247,7 @@ fn check_batch(
             LogitsWanted::None => 0,
             LogitsWanted::Last => usize::from(!news[i].is_empty()),
             LogitsWanted::All => news[i].len(),
+            LogitsWanted::Tail(t) => t.min(news[i].len()),
         };
         assert_eq!(
             batched[i].len(),
@@ -288,7 +289,7 @@ fn check_batch(
 fn check_batches(model: &Model, ids: &dyn Fn(usize, u32) -> Vec<u32>, what: &str) {
     let (p1, p2, p3) = (ids(5, 1), ids(9, 2), ids(4, 3));
     let (n0, n1, n2) = (ids(7, 4), ids(3, 5), ids(1, 6));
-    use LogitsWanted::{All, Last, None};
+    use LogitsWanted::{All, Last, None, Tail};
     // A fresh sequence, two with caches, and one with a cache but nothing new this pass.
     check_batch(
         model,
@@ -304,6 +305,14 @@ fn check_batches(model: &Model, ids: &dyn Fn(usize, u32) -> Vec<u32>, what: &str
         &[&n0, &n1, &n2],
         &[Last, All, None],
         &format!("{what}, batch with other wants"),
+    );
+    // The target worker's verify steps: the last k + 1 rows of a feed that also catches up context.
+    check_batch(
+        model,
+        &[&p1, &p2, &p3],
+        &[&n0, &n1, &n2],
+        &[Tail(3), Tail(1), Tail(5)],
+        &format!("{what}, batch of tails"),
     );
     // Two copies of the same sequence in one batch get identical results.
     check_batch(

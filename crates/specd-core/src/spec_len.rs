@@ -118,6 +118,30 @@ impl CostModel {
         }
     }
 
+    /// Costs used when timings must not steer decisions (seeded requests must be reproducible): a draft
+    /// token costs a quarter of a decode step, each verified position 0.3 of one.
+    pub fn nominal(max_k: usize) -> Self {
+        let mut c = CostModel::new(max_k);
+        c.record_draft(1, 0.25);
+        c.record_verify(0, 1.0);
+        c.record_verify(4, 2.2);
+        c
+    }
+
+    /// Verify cost of `k = 0..=max_k` drafts as multiples of a plain decode step (entry 0 is 1), from
+    /// the measurements, plus `overhead_ms` per drafting step (a drafter's network hop); a line of
+    /// slope 0.3 where nothing is measured yet.
+    pub fn relative_verify_costs(&self, max_k: usize, overhead_ms: f64) -> Vec<f64> {
+        let base = self.verify_ms(0).filter(|t| *t > 0.0);
+        (0..=max_k)
+            .map(|k| match (base, self.verify_ms(k)) {
+                (Some(_), _) if k == 0 => 1.0,
+                (Some(t0), Some(tk)) => ((tk + overhead_ms) / t0).max(1.0),
+                _ => 1.0 + 0.3 * k as f64,
+            })
+            .collect()
+    }
+
     /// Cost in ms of a step drafting `k` tokens: `k * draft_ms_per_token + verify_ms(k)`
     /// (`k == 0` needs no draft measurement).
     pub fn step_ms(&self, k: usize) -> Option<f64> {

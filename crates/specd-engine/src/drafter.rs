@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use specd_core::{Sampler, SamplingParams, SparseDist};
 
@@ -271,11 +272,8 @@ const SOURCE_EMA: f64 = 0.1;
 pub struct NgramDrafter {
     kind: DrafterKind,
     cfg: NgramConfig,
-    /// token -> the target's latest top candidates after it, best first.
-    table: HashMap<u32, Vec<u32>>,
-    /// Measured acceptance per [`Source`] of a first token and of a continuation token.
-    first: [f64; SOURCES],
-    cont: [f64; SOURCES],
+    /// What it has learned, possibly shared with the other sequences of a drafter worker.
+    learned: SharedNgram,
     /// Source of each token of the last proposal and whether it continued its source's run.
     pending: Vec<(Source, bool)>,
     /// Cost of a verify step with k drafts as a multiple of a decode step (index k).
@@ -284,14 +282,54 @@ pub struct NgramDrafter {
     margin: f64,
 }
 
-impl NgramDrafter {
-    pub fn new(cfg: NgramConfig) -> Self {
+/// What the n-gram drafter learns from the target: the recycling table and the measured acceptance per
+/// source. A drafter worker shares one between all its sequences (what the target predicted on one
+/// request is what makes the table useful on the next), behind a mutex held for microseconds.
+#[derive(Clone, Debug, Default)]
+pub struct SharedNgram(Arc<Mutex<Learned>>);
+
+#[derive(Debug)]
+struct Learned {
+    /// token -> the target's latest top candidates after it, best first.
+    table: HashMap<u32, Vec<u32>>,
+    /// Measured acceptance per [`Source`] of a first token and of a continuation token.
+    first: [f64; SOURCES],
+    cont: [f64; SOURCES],
+}
+
+impl Default for Learned {
+    fn default() -> Self {
         Self {
-            kind: DrafterKind::Ngram,
-            cfg,
             table: HashMap::new(),
             first: FIRST_PRIOR,
             cont: CONTINUE_PRIOR,
+        }
+    }
+}
+
+impl SharedNgram {
+    fn lock(&self) -> MutexGuard<'_, Learned> {
+        // The state is plain numbers and a table, valid after any panic elsewhere: use it as it is.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Entries in the recycling table.
+    pub fn table_len(&self) -> usize {
+        self.lock().table.len()
+    }
+}
+
+impl NgramDrafter {
+    pub fn new(cfg: NgramConfig) -> Self {
+        Self::with_shared(cfg, SharedNgram::default())
+    }
+
+    /// A drafter for one sequence that learns into (and from) `learned`.
+    pub fn with_shared(cfg: NgramConfig, learned: SharedNgram) -> Self {
+        Self {
+            kind: DrafterKind::Ngram,
+            cfg,
+            learned,
             pending: Vec::new(),
             step_costs: Vec::new(),
             margin: DRAFT_MARGIN,
@@ -327,16 +365,18 @@ impl NgramDrafter {
         }
         (Vec::new(), 0)
     }
+}
 
-    fn record(&mut self, token: u32, candidates: &[u32]) {
+impl Learned {
+    fn record(&mut self, cfg: &NgramConfig, token: u32, candidates: &[u32]) {
         if candidates.is_empty() {
             return;
         }
-        if self.table.len() >= self.cfg.max_entries && !self.table.contains_key(&token) {
+        if self.table.len() >= cfg.max_entries && !self.table.contains_key(&token) {
             // Bounded memory: forget everything rather than grow; the table refills within a few steps.
             self.table.clear();
         }
-        let w = self.cfg.width.min(candidates.len());
+        let w = cfg.width.min(candidates.len());
         self.table.insert(token, candidates[..w].to_vec());
     }
 }
@@ -349,9 +389,11 @@ impl Drafter for NgramDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError> {
         // Seed the recycling table with the prompt's own bigrams (the table persists across sequences:
         // candidates recycled from earlier requests are what makes it useful on a query stream).
+        let mut learned = self.learned.lock();
         for w in prompt.windows(2) {
-            self.table.entry(w[0]).or_insert_with(|| vec![w[1]]);
+            learned.table.entry(w[0]).or_insert_with(|| vec![w[1]]);
         }
+        drop(learned);
         self.pending.clear();
         Ok(())
     }
@@ -377,8 +419,9 @@ impl Drafter for NgramDrafter {
         };
         let mut sources = vec![lookup_source; tokens.len()];
         let mut last = *tokens.last().unwrap_or(&history[history.len() - 1]);
+        let mut learned = self.learned.lock();
         while tokens.len() < k {
-            match self.table.get(&last).and_then(|c| c.first()) {
+            match learned.table.get(&last).and_then(|c| c.first()) {
                 Some(&next) => {
                     tokens.push(next);
                     sources.push(Source::Recycle);
@@ -389,10 +432,10 @@ impl Drafter for NgramDrafter {
         }
         // Estimates drift back toward the priors while unused, so a source that was switched off is
         // tried again now and then instead of never.
-        for (a, prior) in self.first.iter_mut().zip(FIRST_PRIOR) {
+        for (a, prior) in learned.first.iter_mut().zip(FIRST_PRIOR) {
             *a += SOURCE_DECAY * (prior - *a);
         }
-        for (a, prior) in self.cont.iter_mut().zip(CONTINUE_PRIOR) {
+        for (a, prior) in learned.cont.iter_mut().zip(CONTINUE_PRIOR) {
             *a += SOURCE_DECAY * (prior - *a);
         }
         let tagged: Vec<(Source, bool)> = sources
@@ -407,9 +450,9 @@ impl Drafter for NgramDrafter {
         let (mut p, mut expected, mut keep, mut best) = (1.0, 1.0, 0, 1.0 + self.margin);
         for (j, (s, continues)) in tagged.iter().enumerate() {
             p *= if *continues {
-                self.cont[*s as usize]
+                learned.cont[*s as usize]
             } else {
-                self.first[*s as usize]
+                learned.first[*s as usize]
             };
             expected += p;
             let cost = self
@@ -422,6 +465,7 @@ impl Drafter for NgramDrafter {
                 keep = j + 1;
             }
         }
+        drop(learned);
         tracing::trace!(matched = n, found = tokens.len(), keep, "n-gram proposal");
         tokens.truncate(keep);
         self.pending = tagged;
@@ -447,21 +491,22 @@ impl Drafter for NgramDrafter {
         // inputs = [last token, accepted drafts...]: the first `inputs.len() - 1` proposed tokens were
         // accepted and the next one (if any) was rejected; later ones were never tested.
         let accepted = feedback.inputs.len().saturating_sub(1);
+        let mut learned = self.learned.lock();
         for (i, (s, continues)) in self.pending.iter().enumerate() {
             if i > accepted {
                 break;
             }
             let hit = if i < accepted { 1.0 } else { 0.0 };
             let a = if *continues {
-                &mut self.cont[*s as usize]
+                &mut learned.cont[*s as usize]
             } else {
-                &mut self.first[*s as usize]
+                &mut learned.first[*s as usize]
             };
             *a += SOURCE_EMA * (hit - *a);
         }
         self.pending.clear();
         for (&tok, top) in feedback.inputs.iter().zip(feedback.target_top) {
-            self.record(tok, top);
+            learned.record(&self.cfg, tok, top);
         }
     }
 }
@@ -521,14 +566,15 @@ mod tests {
 
     #[test]
     fn table_is_bounded() {
-        let mut d = NgramDrafter::new(NgramConfig {
+        let d = NgramDrafter::new(NgramConfig {
             max_entries: 8,
             ..NgramConfig::default()
         });
+        let cfg = d.cfg;
         for t in 0..100 {
-            d.record(t, &[t + 1]);
+            d.learned.lock().record(&cfg, t, &[t + 1]);
         }
-        assert!(d.table.len() <= 8);
+        assert!(d.learned.table_len() <= 8);
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub enum LogitsWanted {
     Last,
     /// Every fed position (verification, drafting several tokens).
     All,
+    /// The last n fed positions (a verify step that also feeds context tokens it had not seen).
+    Tail(usize),
 }
 
 /// One sequence's part of a batched forward.
@@ -235,6 +237,7 @@ impl Model {
                 LogitsWanted::Last if n > 0 => want_rows.push(start + n - 1),
                 LogitsWanted::Last => {}
                 LogitsWanted::All => want_rows.extend(start..start + n),
+                LogitsWanted::Tail(t) => want_rows.extend(start + n - t.min(n)..start + n),
             }
             start += n;
         }
@@ -261,6 +264,7 @@ impl Model {
                 LogitsWanted::None => 0,
                 LogitsWanted::Last => usize::from(!s.tokens.is_empty()),
                 LogitsWanted::All => s.tokens.len(),
+                LogitsWanted::Tail(t) => t.min(s.tokens.len()),
             };
             out.push(logits[taken * vocab..(taken + n) * vocab].to_vec());
             taken += n;

@@ -169,7 +169,7 @@ impl Generator {
         let params = &opts.params;
         let mut sampler = Sampler::new(params.seed);
         let max_k = opts.draft_len.unwrap_or(opts.max_draft_len);
-        let nominal = nominal_costs();
+        let nominal = CostModel::nominal(DEFAULT_MAX_DRAFT);
 
         let t0 = Instant::now();
         let mut cache = self.target.new_cache();
@@ -223,7 +223,7 @@ impl Generator {
                 // A free drafter is asked every step for as much as the budget allows and limits itself by
                 // the measured cost of a verified position.
                 Some(d) if d.is_free() => {
-                    d.set_step_costs(&step_costs(costs, max_k));
+                    d.set_step_costs(&costs.relative_verify_costs(max_k, 0.0));
                     opts.draft_len.unwrap_or(max_k).min(room)
                 }
                 Some(_) => controller.choose(costs).min(room),
@@ -324,28 +324,6 @@ impl Generator {
         stats.finish = Some(finish);
         Ok((out, stats))
     }
-}
-
-/// Costs used when timings must not steer decisions (seeded requests): a draft token costs a quarter of a
-/// decode step, each verified position 0.3 of one.
-fn nominal_costs() -> CostModel {
-    let mut c = CostModel::new(DEFAULT_MAX_DRAFT);
-    c.record_draft(1, 0.25);
-    c.record_verify(0, 1.0);
-    c.record_verify(4, 2.2);
-    c
-}
-
-/// Verify cost of k = 0..=max_k drafts as multiples of a plain decode step, from measurements (a line
-/// through them where a k was not measured yet).
-fn step_costs(costs: &CostModel, max_k: usize) -> Vec<f64> {
-    let base = costs.verify_ms(0).filter(|t| *t > 0.0);
-    (0..=max_k)
-        .map(|k| match (base, costs.verify_ms(k)) {
-            (Some(t0), Some(tk)) => (tk / t0).max(1.0),
-            _ => 1.0 + 0.3 * k as f64,
-        })
-        .collect()
 }
 
 fn sample_one(

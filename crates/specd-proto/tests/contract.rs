@@ -263,7 +263,8 @@ fn optional_and_oneof_round_trip() {
 #[test]
 fn worker_stream_messages_round_trip() {
     use specd_proto::internal::v1::{
-        draft_request, verify_response, DraftRequest, SamplingParams, SparseDist, VerifyResponse,
+        draft_request, verify_response, DraftRequest, SamplingParams, SparseDist, StepFeedback,
+        VerifyResponse,
     };
 
     let open = DraftRequest {
@@ -300,6 +301,11 @@ fn worker_stream_messages_round_trip() {
                 next_token: 9,
                 emitted: vec![4, 5, 9],
                 verify_ms: 1.5,
+                feedback: Some(StepFeedback {
+                    inputs: vec![3, 4, 5],
+                    width: 2,
+                    target_top: vec![4, 7, 5, 1, 9, 2],
+                }),
             },
         )),
     };

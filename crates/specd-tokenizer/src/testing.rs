@@ -254,6 +254,23 @@ pub fn write_tiny_gguf_tokenizer(
     file.flush()
 }
 
+/// The tiny tokenizer itself (qwen2 pre-tokenizer, ChatML template), built in memory.
+pub fn tiny_tokenizer() -> crate::SpecdTokenizer {
+    let mut kvs = vec![(
+        "general.architecture".to_string(),
+        MetaValue::String("tiny".into()),
+    )];
+    kvs.extend(tiny_tokenizer_kv("qwen2", Some(TINY_CHATML_TEMPLATE)));
+    let mut bytes = Vec::new();
+    // Writing to memory cannot fail, and the tiny metadata always forms a valid tokenizer.
+    #[allow(clippy::expect_used)]
+    {
+        write_gguf(&mut bytes, 3, &kvs, &[]).expect("writing to memory");
+        let meta = crate::GgufMeta::read(&mut io::Cursor::new(bytes)).expect("tiny GGUF reads");
+        crate::SpecdTokenizer::from_gguf_meta(&meta).expect("tiny tokenizer builds")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

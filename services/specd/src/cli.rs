@@ -26,6 +26,14 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Run a whole cluster in this process (router, drafter and target worker, embedded store).
+    Up(crate::serve::UpArgs),
+    /// Run a router (public gRPC and OpenAI HTTP APIs); needs --etcd.
+    Router(crate::serve::RouterArgs),
+    /// Run a drafter worker; needs --etcd.
+    Drafter(crate::serve::DrafterArgs),
+    /// Run a target worker; needs --etcd.
+    Target(crate::serve::TargetArgs),
 }
 
 #[derive(Debug, Subcommand)]

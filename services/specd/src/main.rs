@@ -4,17 +4,38 @@
 //!   to stderr.
 //! - `specd bench`: the speculation benchmark over code and prose prompts (a program that prints figures).
 //! - `specd models fetch`: the pinned model files, through `scripts/fetch-models.sh`.
+//! - `specd up`: a whole cluster in this process (router, drafter worker, target worker, embedded
+//!   coordination store); `specd router|drafter|target --etcd URL`: one role per process.
 //!
 //! Every failure is a clear message on stderr and a non-zero exit, never a panic.
 
 mod bench;
 mod cli;
 mod generate;
+mod serve;
 
 use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    let result = match cli.command {
+        cli::Command::Up(args) => Some(serve::run_up(args)),
+        cli::Command::Router(args) => Some(serve::run_router(args)),
+        cli::Command::Drafter(args) => Some(serve::run_drafter(args)),
+        cli::Command::Target(args) => Some(serve::run_target(args)),
+        other => {
+            run_local(other);
+            None
+        }
+    };
+    if let Some(Err(err)) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The single-process commands, with plain stderr logging.
+fn run_local(command: cli::Command) {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -22,10 +43,14 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let result = match cli.command {
+    let result = match command {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::Models(cli::ModelsCommand::Fetch(args)) => cli::fetch_models(args),
+        cli::Command::Up(_)
+        | cli::Command::Router(_)
+        | cli::Command::Drafter(_)
+        | cli::Command::Target(_) => Ok(()),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

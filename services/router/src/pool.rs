@@ -1,0 +1,387 @@
+//! The workers a router can place on: a live view of `/specd/v1/instances/` in the coordination store,
+//! with one lazily connected gRPC channel per worker and the router's own count of sequences on each.
+//!
+//! Placement is least-loaded (the larger of the worker's published load and this router's own count,
+//! over its capacity), with session affinity by rendezvous hashing: a request with a session id goes to
+//! the same worker as long as that worker is present and not full. Drafters are only ever paired with
+//! targets whose tokenizer fingerprint matches. A worker that fails a call is ejected for a few seconds;
+//! one whose lease expires leaves the view with the store's delete event.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use specd_coord::{keys, InstanceRecord, Record, Role, Store, WatchEvent};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a worker that failed a call is left out of placement (unless it re-registers).
+pub const EJECT_FOR: Duration = Duration::from_secs(5);
+
+/// A worker as the router sees it.
+#[derive(Debug)]
+pub struct Worker {
+    pub record: InstanceRecord,
+    pub channel: Channel,
+    /// Sequences this router has open on it.
+    in_flight: AtomicU32,
+    ejected_until: RwLock<Option<Instant>>,
+}
+
+impl Worker {
+    fn new(record: InstanceRecord) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", record.address))
+            .map_err(|e| format!("bad worker address {:?}: {e}", record.address))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            channel: endpoint.connect_lazy(),
+            record,
+            in_flight: AtomicU32::new(0),
+            ejected_until: RwLock::new(None),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    fn is_ejected(&self) -> bool {
+        let until = *self.ejected_until.read().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Load in [0, inf): sequences over capacity.
+    fn load(&self) -> f64 {
+        let mine = self.in_flight.load(Ordering::Acquire);
+        let used = mine.max(self.record.load);
+        f64::from(used) / f64::from(self.record.capacity.max(1))
+    }
+
+    fn is_full(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) >= self.record.capacity.max(1)
+    }
+}
+
+/// A sequence placed on a worker; dropping it releases the router's count.
+#[derive(Debug)]
+pub struct Lease {
+    pub worker: Arc<Worker>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.worker.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The live set of workers.
+#[derive(Clone, Debug, Default)]
+pub struct Pool {
+    workers: Arc<RwLock<HashMap<String, Arc<Worker>>>>,
+    changed: Arc<watch::Sender<u64>>,
+}
+
+/// What a placement needs to match.
+#[derive(Clone, Debug, Default)]
+pub struct Want<'a> {
+    pub fingerprint: &'a str,
+    /// Drafter kind for drafters; ignored for targets.
+    pub kind: Option<&'a str>,
+    pub session: Option<&'a str>,
+    /// Workers to avoid (failed earlier in this request).
+    pub exclude: &'a [String],
+}
+
+impl Pool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Follows the store: loads the current instances, then applies every change until `stop` fires.
+    /// Returns once the initial snapshot is loaded.
+    pub async fn follow(&self, store: Store, stop: specd_service::Shutdown) -> anyhow::Result<()> {
+        let prefix = keys::instances();
+        let snapshot = store.get_prefix(&prefix).await?;
+        self.replace_all(&snapshot.entries);
+        let mut watch = store.watch_prefix(&prefix, snapshot.revision + 1).await?;
+        let pool = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = watch.next() => ev,
+                    _ = stop.wait() => return,
+                };
+                match ev {
+                    Some(WatchEvent::Put { key, value, .. }) => pool.put(&key, &value),
+                    Some(WatchEvent::Delete { key, .. }) => pool.remove(&key),
+                    Some(WatchEvent::Resync { snapshot }) => pool.replace_all(&snapshot.entries),
+                    None => {
+                        tracing::error!("coordination watch ended; placement is frozen");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn replace_all(&self, entries: &[specd_coord::KeyValue]) {
+        let mut fresh = HashMap::new();
+        {
+            let current = self.read();
+            for kv in entries {
+                if let Some(w) = self.build(&kv.key, &kv.value, &current) {
+                    fresh.insert(w.record.id.clone(), w);
+                }
+            }
+        }
+        *self.write() = fresh;
+        self.bump();
+    }
+
+    fn put(&self, key: &str, value: &[u8]) {
+        let built = {
+            let current = self.read();
+            self.build(key, value, &current)
+        };
+        if let Some(w) = built {
+            self.write().insert(w.record.id.clone(), w);
+            self.bump();
+        }
+    }
+
+    fn remove(&self, key: &str) {
+        if let Some((_, id)) = keys::parse_instance(key) {
+            if self.write().remove(&id).is_some() {
+                tracing::info!(worker = %id, "worker left placement");
+            }
+            self.bump();
+        }
+    }
+
+    /// A worker entry for a record, reusing the existing entry (channel, counts) when only the load
+    /// changed.
+    fn build(
+        &self,
+        key: &str,
+        value: &[u8],
+        current: &HashMap<String, Arc<Worker>>,
+    ) -> Option<Arc<Worker>> {
+        let record = match InstanceRecord::decode(value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring an unreadable instance record");
+                return None;
+            }
+        };
+        if !matches!(record.role, Role::Target | Role::Drafter) || record.key() != key {
+            return None;
+        }
+        if let Some(old) = current.get(&record.id) {
+            if old.record.address == record.address {
+                let w = Worker {
+                    channel: old.channel.clone(),
+                    in_flight: AtomicU32::new(0),
+                    ejected_until: RwLock::new(None),
+                    record,
+                };
+                // Keep the router's own count: it is what the router has placed there.
+                w.in_flight
+                    .store(old.in_flight.load(Ordering::Acquire), Ordering::Release);
+                return Some(Arc::new(w));
+            }
+        }
+        match Worker::new(record) {
+            Ok(w) => {
+                tracing::info!(worker = %w.record.id, role = %w.record.role, address = %w.record.address, "worker joined placement");
+                Some(Arc::new(w))
+            }
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring an instance record");
+                None
+            }
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Worker>>> {
+        self.workers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Worker>>> {
+        self.workers.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Resolves on the next change of the worker set.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Every worker of `role`.
+    pub fn workers(&self, role: Role) -> Vec<Arc<Worker>> {
+        let mut v: Vec<_> = self
+            .read()
+            .values()
+            .filter(|w| w.record.role == role)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+        v
+    }
+
+    /// Leaves a worker out of placement for [`EJECT_FOR`] after a failed call.
+    pub fn eject(&self, id: &str) {
+        if let Some(w) = self.read().get(id) {
+            *w.ejected_until.write().unwrap_or_else(|e| e.into_inner()) =
+                Some(Instant::now() + EJECT_FOR);
+            tracing::warn!(worker = %id, "worker ejected from placement after a failure");
+        }
+    }
+
+    /// Places a sequence on a worker of `role`, or `None` when no worker matches or all are full.
+    pub fn place(&self, role: Role, want: &Want<'_>) -> Option<Lease> {
+        let workers = self.read();
+        let candidates: Vec<&Arc<Worker>> = workers
+            .values()
+            .filter(|w| w.record.role == role)
+            .filter(|w| w.record.tokenizer_fingerprint == want.fingerprint)
+            .filter(|w| match (role, want.kind) {
+                (Role::Drafter, Some(kind)) => w.record.drafter_kinds.iter().any(|k| k == kind),
+                _ => true,
+            })
+            .filter(|w| !want.exclude.contains(&w.record.id))
+            .filter(|w| !w.is_ejected() && !w.is_full())
+            .collect();
+        let chosen = match want.session {
+            Some(s) if !s.is_empty() => candidates
+                .iter()
+                .max_by_key(|w| rendezvous(s, &w.record.id))
+                .copied(),
+            _ => candidates
+                .iter()
+                .min_by(|a, b| {
+                    a.load()
+                        .total_cmp(&b.load())
+                        .then_with(|| a.record.id.cmp(&b.record.id))
+                })
+                .copied(),
+        }?;
+        chosen.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(Lease {
+            worker: Arc::clone(chosen),
+        })
+    }
+}
+
+fn rendezvous(session: &str, worker: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    session.hash(&mut h);
+    worker.hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(role: Role, id: &str, capacity: u32, load: u32) -> InstanceRecord {
+        InstanceRecord {
+            role,
+            id: id.into(),
+            address: format!("127.0.0.1:{}", 9000 + id.len()),
+            model: "m".into(),
+            family: "llama".into(),
+            tokenizer_fingerprint: "fp".into(),
+            capacity,
+            load,
+            drafter_kinds: vec!["ngram".into()],
+            weights_version: None,
+        }
+    }
+
+    fn pool_with(records: &[InstanceRecord]) -> Pool {
+        let pool = Pool::new();
+        for r in records {
+            pool.put(&r.key(), &r.encode().expect("encode"));
+        }
+        pool
+    }
+
+    #[tokio::test]
+    async fn least_loaded_then_full_then_affinity() {
+        let pool = pool_with(&[
+            record(Role::Target, "a", 2, 1),
+            record(Role::Target, "b", 2, 0),
+        ]);
+        let want = Want {
+            fingerprint: "fp",
+            ..Want::default()
+        };
+        let first = pool.place(Role::Target, &want).expect("placed");
+        assert_eq!(first.worker.id(), "b", "least loaded by published load");
+        let second = pool.place(Role::Target, &want).expect("placed");
+        let third = pool.place(Role::Target, &want).expect("placed");
+        let fourth = pool.place(Role::Target, &want).expect("placed");
+        assert!(pool.place(Role::Target, &want).is_none(), "all full");
+        drop((second, third, fourth));
+        drop(first);
+
+        let session = Want {
+            fingerprint: "fp",
+            session: Some("user-42"),
+            ..Want::default()
+        };
+        let a = pool.place(Role::Target, &session).expect("placed");
+        let b = pool.place(Role::Target, &session).expect("placed");
+        assert_eq!(a.worker.id(), b.worker.id(), "same session, same worker");
+    }
+
+    #[tokio::test]
+    async fn fingerprint_kind_exclusion_and_ejection() {
+        let mut other = record(Role::Drafter, "x", 4, 0);
+        other.tokenizer_fingerprint = "other".into();
+        let pool = pool_with(&[record(Role::Drafter, "d", 4, 0), other]);
+        let excluded = ["d".to_string()];
+        let want = |kind, exclude| Want {
+            fingerprint: "fp",
+            kind: Some(kind),
+            session: None,
+            exclude,
+        };
+        assert_eq!(
+            pool.place(Role::Drafter, &want("ngram", &[]))
+                .expect("placed")
+                .worker
+                .id(),
+            "d"
+        );
+        assert!(
+            pool.place(Role::Drafter, &want("model", &[])).is_none(),
+            "kind not offered"
+        );
+        assert!(pool
+            .place(Role::Drafter, &want("ngram", &excluded))
+            .is_none());
+        pool.eject("d");
+        assert!(
+            pool.place(Role::Drafter, &want("ngram", &[])).is_none(),
+            "ejected"
+        );
+        // Re-registration (a fresh put) clears the ejection.
+        let r = record(Role::Drafter, "d", 4, 0);
+        pool.put(&r.key(), &r.encode().expect("encode"));
+        assert!(pool.place(Role::Drafter, &want("ngram", &[])).is_some());
+        pool.remove(&r.key());
+        assert!(pool.workers(Role::Drafter).iter().all(|w| w.id() != "d"));
+    }
+}

@@ -1,0 +1,466 @@
+//! The distributed speculation loop: one request, driven by the router over its worker streams.
+//!
+//! Each step: choose k (the OSD cost model over costs the router measures itself, so the network hop
+//! is counted; a model-free drafter gets the cost curve and sizes its own proposals), ask the drafter
+//! for up to k tokens, send them to the target, which runs one forward over k + 1 positions and applies
+//! the rejection rule, then commit the emitted tokens and stream them out.
+//!
+//! Failures never cost the request: a drafter that errors or stalls is dropped (another one is tried,
+//! else decoding goes on target-only); a target that fails is replaced by another target, re-prefilled
+//! from every token so far, and the step is retried; with no target left the request ends UNAVAILABLE.
+//! Greedy output is unchanged by any of this, because the target's logits are batch-invariant.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use specd_coord::Role;
+use specd_core::{CostModel, SamplingParams, SpecLenController};
+use specd_proto::internal::v1 as pb;
+use tonic::Status;
+
+use crate::conn::{ConnError, DrafterConn, TargetConn};
+use crate::pool::{Pool, Want};
+
+/// Knobs of the loop.
+#[derive(Clone, Debug)]
+pub struct SpecConfig {
+    /// Longest draft the adaptive controller picks.
+    pub max_draft_len: usize,
+    /// A drafter that does not answer a Propose within this is dropped for the request.
+    pub drafter_timeout: Duration,
+    /// Time a drafter gets to open a sequence (a model drafter prefills).
+    pub drafter_open_timeout: Duration,
+    /// A target that does not answer an Open or Step within this is treated as failed.
+    pub target_timeout: Duration,
+    /// Targets tried per request before giving up with UNAVAILABLE.
+    pub max_target_attempts: usize,
+    /// Drafters tried per request before going on target-only.
+    pub max_drafter_attempts: usize,
+    /// Kind used for `drafter: auto`.
+    pub auto_kind: String,
+}
+
+impl Default for SpecConfig {
+    fn default() -> Self {
+        Self {
+            max_draft_len: 8,
+            drafter_timeout: Duration::from_secs(2),
+            drafter_open_timeout: Duration::from_secs(60),
+            target_timeout: Duration::from_secs(120),
+            max_target_attempts: 3,
+            max_drafter_attempts: 2,
+            auto_kind: "auto".into(),
+        }
+    }
+}
+
+/// Drafter kinds that cost next to nothing and limit their own proposals from the cost curve.
+pub fn is_free(kind: &str) -> bool {
+    matches!(kind, "ngram" | "auto")
+}
+
+/// A validated request, ready to run.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub request_id: String,
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub params: SamplingParams,
+    /// `none`, or a drafter kind (`auto` already resolved by the caller or here).
+    pub drafter: String,
+    pub draft_len: Option<usize>,
+    pub session: Option<String>,
+    /// Tokens that end generation (not emitted).
+    pub stop_ids: Vec<u32>,
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Stop,
+    Length,
+    Cancelled,
+}
+
+/// What a request did.
+#[derive(Clone, Debug, Default)]
+pub struct SpecStats {
+    pub drafted: u64,
+    pub accepted: u64,
+    pub steps: u64,
+    pub accepted_per_position: Vec<u32>,
+    /// The drafter kind used last, or `none`.
+    pub drafter: String,
+    /// Router time per step outside the workers (network, serialization, router work), in ms.
+    pub overhead_ms: Vec<f64>,
+    pub target_failovers: u32,
+    pub drafter_failovers: u32,
+}
+
+/// Receives emitted tokens; returns false to stop generation (stop string hit, client gone).
+pub trait Sink: Send {
+    fn push(&mut self, tokens: &[u32]) -> bool;
+}
+
+/// Costs measured at the router for one drafter kind (what one step really costs from here).
+#[derive(Clone, Debug)]
+struct KindCosts {
+    costs: CostModel,
+    /// Round trip of a Propose, ms (EMA).
+    propose_ms: Option<f64>,
+}
+
+/// Adaptive-k state is kept per (drafter kind, max k, pinned k).
+type ControllerKey = (String, usize, Option<usize>);
+
+/// What the router learns across requests: costs per drafter kind and the adaptive-k state.
+#[derive(Debug, Default)]
+pub struct Learned {
+    costs: Mutex<HashMap<String, KindCosts>>,
+    controllers: Mutex<HashMap<ControllerKey, SpecLenController>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A seed for the n-th (re)opening of a sequence: the request's seed first, then fresh derived ones, so
+/// a re-prefilled sequence does not replay random draws that produced its own prefix.
+fn attempt_seed(params: &SamplingParams, attempt: u64) -> SamplingParams {
+    let mut p = params.clone();
+    if attempt > 0 {
+        p.seed = p
+            .seed
+            .map(|s| s ^ attempt.wrapping_mul(0xd6e8_feb8_6659_fd93).rotate_left(17));
+    }
+    p
+}
+
+/// Runs one request to its end.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    pool: &Pool,
+    fingerprint: &str,
+    context: usize,
+    cfg: &SpecConfig,
+    learned: &Learned,
+    req: &GenRequest,
+    sink: &mut (dyn Sink + Send),
+) -> Result<(Vec<u32>, Finish, SpecStats), Status> {
+    let mut history = req.prompt_ids.clone();
+    let mut out: Vec<u32> = Vec::new();
+    let mut stats = SpecStats {
+        drafter: "none".into(),
+        ..SpecStats::default()
+    };
+    let mut failed_targets: Vec<String> = Vec::new();
+    let mut target_opens = 0u64;
+    let mut target = open_target(
+        pool,
+        fingerprint,
+        cfg,
+        req,
+        &history,
+        &mut failed_targets,
+        &mut target_opens,
+    )
+    .await?;
+
+    let kind = req.drafter.clone();
+    let mut failed_drafters: Vec<String> = Vec::new();
+    let mut drafter_opens = 0u64;
+    let mut drafter = if kind == "none" {
+        None
+    } else {
+        open_drafter(
+            pool,
+            fingerprint,
+            cfg,
+            req,
+            &kind,
+            &history,
+            &mut failed_drafters,
+            &mut drafter_opens,
+        )
+        .await
+    };
+    if drafter.is_some() {
+        stats.drafter = kind.clone();
+    }
+    let max_k = req.draft_len.unwrap_or(cfg.max_draft_len).max(1);
+    let seeded = req.params.seed.is_some();
+    let nominal = CostModel::nominal(max_k);
+    let mut kc = lock(&learned.costs)
+        .get(&kind)
+        .cloned()
+        .unwrap_or(KindCosts {
+            costs: CostModel::new(max_k),
+            propose_ms: None,
+        });
+    let ckey = (kind.clone(), max_k, req.draft_len);
+    let mut controller = match lock(&learned.controllers).remove(&ckey) {
+        Some(c) if !seeded => c,
+        _ => SpecLenController::new(max_k, req.draft_len),
+    };
+    let mut feedback: Option<pb::StepFeedback> = None;
+
+    let finish = loop {
+        if out.len() >= req.max_new_tokens || history.len() >= context {
+            break Finish::Length;
+        }
+        let step_start = Instant::now();
+        let room = (req.max_new_tokens - out.len() - 1).min(context - history.len() - 1);
+        let costs = if seeded { &nominal } else { &kc.costs };
+        let want = match &drafter {
+            Some(d) if is_free(&d.kind) => req.draft_len.unwrap_or(max_k).min(room),
+            Some(_) => controller.choose(costs).min(room),
+            None => 0,
+        };
+        // Draft.
+        let mut drafts: Vec<u32> = Vec::new();
+        let mut q: Vec<pb::SparseDist> = Vec::new();
+        let mut worker_ms = 0.0;
+        let mut drafted_by_drafter = false;
+        if let (Some(d), true) = (drafter.as_mut(), want > 0) {
+            let step_costs: Vec<f32> = if is_free(&d.kind) {
+                let hop = if seeded {
+                    0.0
+                } else {
+                    kc.propose_ms.unwrap_or(0.0)
+                };
+                costs
+                    .relative_verify_costs(max_k, hop)
+                    .into_iter()
+                    .map(|c| c as f32)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let t = Instant::now();
+            match d.propose(&history, want, step_costs, feedback.take()).await {
+                Ok(p) => {
+                    let rtt = t.elapsed().as_secs_f64() * 1000.0;
+                    worker_ms += p.draft_ms;
+                    kc.propose_ms = Some(kc.propose_ms.map_or(rtt, |m| 0.8 * m + 0.2 * rtt));
+                    if !p.tokens.is_empty() {
+                        kc.costs.record_draft(p.tokens.len(), rtt);
+                    }
+                    drafts = p.tokens;
+                    q = p.q;
+                    drafted_by_drafter = true;
+                }
+                Err(e) => {
+                    let id = d.lease.worker.id().to_string();
+                    tracing::warn!(request_id = %req.request_id, drafter = %id, error = %e.message(), "drafter failed; going on without it");
+                    if matches!(e, ConnError::Failed(_)) {
+                        pool.eject(&id);
+                    }
+                    metrics::counter!("specd_fallbacks_total", "role" => "drafter").increment(1);
+                    stats.drafter_failovers += 1;
+                    failed_drafters.push(id);
+                    drafter = None;
+                    if (failed_drafters.len()) < cfg.max_drafter_attempts {
+                        drafter = open_drafter(
+                            pool,
+                            fingerprint,
+                            cfg,
+                            req,
+                            &kind,
+                            &history,
+                            &mut failed_drafters,
+                            &mut drafter_opens,
+                        )
+                        .await;
+                    }
+                    if drafter.is_none() {
+                        stats.drafter = "none".into();
+                    }
+                }
+            }
+        }
+        let k = drafts.len();
+        let width = drafter.as_ref().map_or(0, |d| d.feedback_width);
+        // Verify, failing over to another target if this one dies.
+        let t = Instant::now();
+        let result = loop {
+            match target.step(&history, &drafts, &q, width).await {
+                Ok(r) => break r,
+                Err(ConnError::Invalid(s)) => return Err(s),
+                Err(e) => {
+                    let id = target.lease.worker.id().to_string();
+                    tracing::warn!(request_id = %req.request_id, target = %id, error = %e.message(), "target failed; re-prefilling on another");
+                    if matches!(e, ConnError::Failed(_)) {
+                        pool.eject(&id);
+                    }
+                    metrics::counter!("specd_fallbacks_total", "role" => "target").increment(1);
+                    stats.target_failovers += 1;
+                    failed_targets.push(id);
+                    target = open_target(
+                        pool,
+                        fingerprint,
+                        cfg,
+                        req,
+                        &history,
+                        &mut failed_targets,
+                        &mut target_opens,
+                    )
+                    .await?;
+                }
+            }
+        };
+        let verify_rtt = t.elapsed().as_secs_f64() * 1000.0;
+        worker_ms += result.verify_ms;
+        kc.costs.record_verify(k, verify_rtt);
+        let accepted = result.accepted as usize;
+        if let Some(d) = drafter.as_mut() {
+            if drafted_by_drafter {
+                d.accepted(history.len(), accepted);
+            }
+        }
+        feedback = result.feedback;
+        if k > 0 {
+            controller.record(k, accepted);
+            stats.drafted += k as u64;
+            stats.accepted += accepted as u64;
+            if stats.accepted_per_position.len() < k {
+                stats.accepted_per_position.resize(k, 0);
+            }
+            for slot in &mut stats.accepted_per_position[..accepted] {
+                *slot += 1;
+            }
+        }
+        stats.steps += 1;
+        let mut emitted = drafts[..accepted].to_vec();
+        emitted.push(result.next_token);
+        emitted.truncate(req.max_new_tokens - out.len());
+        let stop_at = emitted.iter().position(|t| req.stop_ids.contains(t));
+        if let Some(i) = stop_at {
+            emitted.truncate(i);
+        }
+        history.extend_from_slice(&emitted);
+        out.extend_from_slice(&emitted);
+        let overhead = (step_start.elapsed().as_secs_f64() * 1000.0 - worker_ms).max(0.0);
+        stats.overhead_ms.push(overhead);
+        metrics::histogram!("specd_router_step_overhead_seconds").record(overhead / 1000.0);
+        let go_on = emitted.is_empty() || sink.push(&emitted);
+        if stop_at.is_some() {
+            break Finish::Stop;
+        }
+        if !go_on {
+            break Finish::Cancelled;
+        }
+    };
+    if !seeded {
+        lock(&learned.controllers).insert(ckey, controller);
+        lock(&learned.costs).insert(kind, kc);
+    }
+    Ok((out, finish, stats))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_target(
+    pool: &Pool,
+    fingerprint: &str,
+    cfg: &SpecConfig,
+    req: &GenRequest,
+    history: &[u32],
+    failed: &mut Vec<String>,
+    opens: &mut u64,
+) -> Result<TargetConn, Status> {
+    loop {
+        if failed.len() >= cfg.max_target_attempts {
+            return Err(Status::unavailable(format!(
+                "no target worker could serve the request (tried {})",
+                failed.join(", ")
+            )));
+        }
+        let want = Want {
+            fingerprint,
+            kind: None,
+            session: req.session.as_deref(),
+            exclude: failed,
+        };
+        let Some(lease) = pool.place(Role::Target, &want) else {
+            return Err(Status::unavailable(if failed.is_empty() {
+                "no target worker is available for this model".to_string()
+            } else {
+                format!(
+                    "no target worker left after failures of {}",
+                    failed.join(", ")
+                )
+            }));
+        };
+        let id = lease.worker.id().to_string();
+        let params = attempt_seed(&req.params, *opens);
+        *opens += 1;
+        match TargetConn::open(
+            lease,
+            &req.request_id,
+            history,
+            &params,
+            cfg.target_timeout,
+            req.deadline,
+        )
+        .await
+        {
+            Ok(c) => return Ok(c),
+            Err(ConnError::Invalid(s)) => return Err(s),
+            Err(e) => {
+                tracing::warn!(request_id = %req.request_id, target = %id, error = %e.message(), "target refused or failed to open");
+                if matches!(e, ConnError::Failed(_)) {
+                    pool.eject(&id);
+                }
+                failed.push(id);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_drafter(
+    pool: &Pool,
+    fingerprint: &str,
+    cfg: &SpecConfig,
+    req: &GenRequest,
+    kind: &str,
+    history: &[u32],
+    failed: &mut Vec<String>,
+    opens: &mut u64,
+) -> Option<DrafterConn> {
+    while failed.len() < cfg.max_drafter_attempts {
+        let want = Want {
+            fingerprint,
+            kind: Some(kind),
+            session: req.session.as_deref(),
+            exclude: failed,
+        };
+        let lease = pool.place(Role::Drafter, &want)?;
+        let id = lease.worker.id().to_string();
+        let params = attempt_seed(&req.params, *opens);
+        *opens += 1;
+        match DrafterConn::open(
+            lease,
+            kind,
+            &req.request_id,
+            history,
+            &params,
+            cfg.drafter_timeout,
+            cfg.drafter_open_timeout,
+            req.deadline,
+        )
+        .await
+        {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(request_id = %req.request_id, drafter = %id, error = %e.message(), "drafter failed to open");
+                if matches!(e, ConnError::Failed(_)) {
+                    pool.eject(&id);
+                }
+                failed.push(id);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,613 @@
+//! The cluster roles of the binary: `specd target`, `specd drafter`, `specd router` (each a process of
+//! its own, coordinating through etcd) and `specd up` (all three in this process, as tasks sharing the
+//! embedded coordination store or a given etcd, and sharing the target's weights with the
+//! self-drafter).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use specd_coord::{EtcdConfig, InstanceRecord, Role, Store};
+use specd_engine::preset::{default_self_layers, Preset};
+use specd_engine::{load_gguf, LoadedModel};
+use specd_proto::internal::v1::drafter_server::DrafterServer;
+use specd_proto::internal::v1::target_server::TargetServer;
+use specd_proto::v1::generation_server::GenerationServer;
+use specd_router::core::{ModelMeta, Router, RouterConfig};
+use specd_router::pool::Pool;
+use specd_service::telemetry::{LogFormat, TelemetryConfig};
+use specd_service::{Drain, Shutdown};
+use specd_worker::drafter::{DrafterModels, DrafterService};
+use specd_worker::target::{TargetService, DEFAULT_MAX_BATCH_TOKENS};
+use specd_worker::{serve_worker, ServeOptions, WorkerIdentity};
+
+use crate::cli::{init_threads, ModelArgs};
+
+/// What every service role takes.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceArgs {
+    /// etcd endpoints, comma-separated (http://host:port). Required for a lone role; `specd up` uses the
+    /// embedded store without it.
+    #[arg(long, env = "SPECD_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Id registered in the coordination store (default: role plus a random suffix).
+    #[arg(long, env = "SPECD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Address other services dial (default: the bound address, loopback if bound to all interfaces).
+    #[arg(long, env = "SPECD_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Registration lease TTL in seconds: a process that dies leaves placement within this.
+    #[arg(long, env = "SPECD_LEASE_TTL", default_value_t = 10)]
+    pub lease_ttl: u64,
+    /// Seconds a draining service waits for in-flight work after SIGTERM.
+    #[arg(long, env = "SPECD_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "SPECD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT); none: spans are not exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "SPECD_GRPC_ADDR", default_value = "0.0.0.0:50061")]
+    pub grpc_addr: SocketAddr,
+    /// Prometheus /metrics and /health listen address (none: not served).
+    #[arg(long, env = "SPECD_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Sequences held at once.
+    #[arg(long, env = "SPECD_CAPACITY", default_value_t = 16)]
+    pub capacity: u32,
+    /// Most new tokens in one batched forward.
+    #[arg(long, env = "SPECD_MAX_BATCH_TOKENS", default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrafterArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "SPECD_GRPC_ADDR", default_value = "0.0.0.0:50071")]
+    pub grpc_addr: SocketAddr,
+    /// Prometheus /metrics and /health listen address (none: not served).
+    #[arg(long, env = "SPECD_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Sequences held at once.
+    #[arg(long, env = "SPECD_CAPACITY", default_value_t = 64)]
+    pub capacity: u32,
+    /// Drafter kinds to offer: model, self, ngram (default: the preset's draft model if it has one,
+    /// else self; and ngram).
+    #[arg(long, env = "SPECD_DRAFTER_KINDS", value_delimiter = ',')]
+    pub kinds: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub router: RouterOpts,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouterOpts {
+    /// Public gRPC listen address.
+    #[arg(long, env = "SPECD_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// OpenAI-compatible HTTP listen address (also /metrics and /health).
+    #[arg(long, env = "SPECD_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Requests generating at once.
+    #[arg(long, env = "SPECD_MAX_CONCURRENT", default_value_t = 64)]
+    pub max_concurrent: usize,
+    /// Requests waiting for a slot before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SPECD_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// max_new_tokens of requests that leave it at 0.
+    #[arg(long, env = "SPECD_DEFAULT_MAX_NEW_TOKENS", default_value_t = 256)]
+    pub default_max_new_tokens: u32,
+    /// Longest adaptive draft.
+    #[arg(long, env = "SPECD_MAX_DRAFT_LEN", default_value_t = 8)]
+    pub max_draft_len: usize,
+    /// A drafter not answering a step within this many ms is dropped for the request.
+    #[arg(long, env = "SPECD_DRAFTER_TIMEOUT_MS", default_value_t = 2000)]
+    pub drafter_timeout_ms: u64,
+    /// A target not answering a step within this many ms is treated as failed.
+    #[arg(long, env = "SPECD_TARGET_TIMEOUT_MS", default_value_t = 120_000)]
+    pub target_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    #[command(flatten)]
+    pub router: RouterOpts,
+    /// Drafter kinds to offer (default: the preset's draft model if it has one, self, ngram).
+    #[arg(long, env = "SPECD_DRAFTER_KINDS", value_delimiter = ',')]
+    pub drafter_kinds: Vec<String>,
+    /// Sequences the target holds at once.
+    #[arg(long, env = "SPECD_CAPACITY", default_value_t = 16)]
+    pub capacity: u32,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn telemetry(service: &str, args: &ServiceArgs) -> anyhow::Result<()> {
+    let log_format: LogFormat = args.log_format.parse()?;
+    specd_service::telemetry::init(&TelemetryConfig {
+        service: service.to_string(),
+        log_format,
+        otlp_endpoint: args.otlp_endpoint.clone(),
+    })?;
+    specd_service::metrics::install()?;
+    Ok(())
+}
+
+async fn store(args: &ServiceArgs, allow_memory: bool) -> anyhow::Result<Store> {
+    if args.etcd.is_empty() {
+        if allow_memory {
+            return Ok(Store::memory());
+        }
+        bail!(
+            "this role needs --etcd http://HOST:PORT (or SPECD_ETCD); `specd up` runs without one"
+        );
+    }
+    Store::etcd(EtcdConfig::new(args.etcd.clone()))
+        .await
+        .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))
+}
+
+fn instance_id(args: &ServiceArgs, role: Role) -> String {
+    args.instance_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", role.as_str(), &specd_service::random_id()[..8]))
+}
+
+fn serve_options(
+    args: &ServiceArgs,
+    addr: SocketAddr,
+    store: Store,
+    shutdown: Shutdown,
+) -> ServeOptions {
+    ServeOptions {
+        grpc_addr: addr,
+        advertise: args.advertise_addr.clone(),
+        store,
+        lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
+        drain_deadline: Duration::from_secs(args.drain_secs),
+        shutdown,
+    }
+}
+
+fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)> {
+    let preset: Preset = args.model_preset.parse()?;
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| preset.target_path(&args.models_dir));
+    Ok((preset, path))
+}
+
+fn identity(target: &LoadedModel, id: String) -> WorkerIdentity {
+    WorkerIdentity {
+        instance_id: id,
+        model: model_id(&target.path),
+        family: target.model.config().family.name().to_string(),
+        fingerprint: target.tokenizer.fingerprint().to_string(),
+        context: target.model.config().context,
+        weights_version: String::new(),
+    }
+}
+
+fn model_id(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+fn record(role: Role, id: &WorkerIdentity, capacity: u32, kinds: Vec<String>) -> InstanceRecord {
+    InstanceRecord {
+        role,
+        id: id.instance_id.clone(),
+        address: String::new(),
+        model: id.model.clone(),
+        family: id.family.clone(),
+        tokenizer_fingerprint: id.fingerprint.clone(),
+        capacity,
+        load: 0,
+        drafter_kinds: kinds,
+        weights_version: None,
+    }
+}
+
+async fn start_target(
+    target: &LoadedModel,
+    args: &ServiceArgs,
+    addr: SocketAddr,
+    capacity: u32,
+    max_batch_tokens: usize,
+    store: Store,
+    shutdown: Shutdown,
+) -> anyhow::Result<specd_worker::Running> {
+    let id = identity(target, instance_id(args, Role::Target));
+    let drain = Drain::new();
+    let svc = TargetService::start(
+        target.model.clone(),
+        id.clone(),
+        capacity,
+        max_batch_tokens,
+        drain.clone(),
+    )?;
+    let load = svc.clone();
+    let router = tonic::transport::Server::builder().add_service(TargetServer::new(svc));
+    serve_worker(
+        router,
+        specd_worker::health_name(Role::Target),
+        record(Role::Target, &id, capacity, Vec::new()),
+        move || load.active(),
+        drain,
+        serve_options(args, addr, store, shutdown),
+    )
+    .await
+}
+
+/// The drafter models for `kinds` (empty: the preset's default set).
+fn drafter_models(
+    kinds: &[String],
+    preset: Preset,
+    margs: &ModelArgs,
+    target: &LoadedModel,
+    share_target: bool,
+) -> anyhow::Result<(DrafterModels, Vec<String>)> {
+    let defaults: Vec<String> = match (preset, share_target) {
+        (Preset::Qwen, true) => vec!["model".into(), "self".into(), "ngram".into()],
+        (Preset::Qwen, false) => vec!["model".into(), "ngram".into()],
+        (Preset::Smollm, _) => vec!["self".into(), "ngram".into()],
+    };
+    let kinds = if kinds.is_empty() {
+        defaults
+    } else {
+        kinds.to_vec()
+    };
+    let mut models = DrafterModels {
+        draft: None,
+        self_drafter: None,
+        ngram: false,
+        context: target.model.config().context,
+        vocab: target.model.config().vocab,
+    };
+    for k in &kinds {
+        match k.as_str() {
+            "model" => {
+                let path = margs
+                    .draft_model
+                    .clone()
+                    .or_else(|| preset.draft_path(&margs.models_dir))
+                    .with_context(|| {
+                        format!(
+                            "preset {} has no draft model; pass --draft-model",
+                            preset.name()
+                        )
+                    })?;
+                let draft = load_gguf(&path)?;
+                specd_engine::preset::check_pair(target, &draft)?;
+                models.draft = Some(draft.model.clone());
+            }
+            "self" => {
+                let n = margs
+                    .self_layers
+                    .unwrap_or_else(|| default_self_layers(target.model.config().layers));
+                models.self_drafter = Some(target.model.truncated(n)?);
+            }
+            "ngram" | "auto" => models.ngram = true,
+            other => bail!("unknown drafter kind {other:?} (model, self, ngram)"),
+        }
+    }
+    let offered = models.kinds();
+    Ok((models, offered))
+}
+
+async fn start_drafter(
+    models: DrafterModels,
+    id: WorkerIdentity,
+    args: &ServiceArgs,
+    addr: SocketAddr,
+    capacity: u32,
+    store: Store,
+    shutdown: Shutdown,
+) -> anyhow::Result<specd_worker::Running> {
+    let drain = Drain::new();
+    let svc = DrafterService::new(models, id.clone(), capacity, drain.clone());
+    let kinds = svc.kinds();
+    let load = svc.clone();
+    let router = tonic::transport::Server::builder().add_service(DrafterServer::new(svc));
+    serve_worker(
+        router,
+        specd_worker::health_name(Role::Drafter),
+        record(Role::Drafter, &id, capacity, kinds),
+        move || load.active(),
+        drain,
+        serve_options(args, addr, store, shutdown),
+    )
+    .await
+}
+
+/// A started router: its addresses and the task that ends when it has drained.
+pub struct RouterRunning {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_router(
+    margs: &ModelArgs,
+    args: &ServiceArgs,
+    opts: &RouterOpts,
+    store: Store,
+    shutdown: Shutdown,
+) -> anyhow::Result<RouterRunning> {
+    let (preset, path) = target_file(margs)?;
+    let model = ModelMeta::from_gguf(&path, vec![preset.name().to_string()])?;
+    let mut cfg = RouterConfig {
+        max_concurrent: opts.max_concurrent,
+        max_queue: opts.max_queue,
+        default_max_new_tokens: opts.default_max_new_tokens,
+        ..RouterConfig::default()
+    };
+    cfg.spec.max_draft_len = opts.max_draft_len.max(1);
+    cfg.spec.drafter_timeout = Duration::from_millis(opts.drafter_timeout_ms.max(1));
+    cfg.spec.target_timeout = Duration::from_millis(opts.target_timeout_ms.max(1));
+    let pool = Pool::new();
+    pool.follow(store.clone(), shutdown.clone())
+        .await
+        .context("reading workers from the coordination store")?;
+    let drain = Drain::new();
+    let router = Arc::new(Router::new(pool, model, cfg, drain.clone()));
+    let id = instance_id(args, Role::Router);
+
+    let grpc = tonic::transport::Server::builder().add_service(GenerationServer::new(
+        specd_router::api::GenerationService::new(Arc::clone(&router)),
+    ));
+    let (grpc, health) = specd_service::grpc::add_common(grpc)?;
+    let (listener, grpc_addr) = specd_service::grpc::bind(opts.grpc_addr).await?;
+    let http_listener = tokio::net::TcpListener::bind(opts.http_addr)
+        .await
+        .with_context(|| format!("binding the HTTP address {}", opts.http_addr))?;
+    let http_addr = http_listener.local_addr()?;
+    let advertised = specd_worker::advertise_addr(grpc_addr, args.advertise_addr.as_deref());
+    let registration = specd_coord::Registration::register(
+        store.clone(),
+        InstanceRecord {
+            role: Role::Router,
+            id: id.clone(),
+            address: advertised,
+            model: router.model.id.clone(),
+            family: router.model.family.clone(),
+            tokenizer_fingerprint: router.model.fingerprint().to_string(),
+            capacity: opts.max_concurrent as u32,
+            load: 0,
+            drafter_kinds: Vec::new(),
+            weights_version: None,
+        },
+        Duration::from_secs(args.lease_ttl.max(1)),
+    )
+    .await
+    .context("registering the router")?;
+    for name in ["", specd_worker::health_name(Role::Router)] {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let stop = Shutdown::new();
+    let grpc_task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            grpc.serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { stop.wait().await },
+            )
+            .await
+        })
+    };
+    let http_task = {
+        let stop = stop.clone();
+        let app = specd_router::http::app(Arc::clone(&router));
+        tokio::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await
+        })
+    };
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, "router serving");
+    let drain_deadline = Duration::from_secs(args.drain_secs);
+    let load_router = Arc::clone(&router);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = u32::MAX;
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {
+                    let now = (load_router.admission.running() + load_router.admission.waiting()) as u32;
+                    if now != last && registration.update(now).await.is_ok() {
+                        last = now;
+                    }
+                }
+            }
+        }
+        tracing::info!("router draining");
+        for name in ["", specd_worker::health_name(Role::Router)] {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        let _ = registration.deregister().await;
+        let left = drain.drain(drain_deadline).await;
+        if left > 0 {
+            tracing::warn!(left, "drain deadline passed with requests in flight");
+        }
+        stop.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = grpc_task.await;
+            let _ = http_task.await;
+        })
+        .await;
+        tracing::info!("router stopped");
+        Ok(())
+    });
+    Ok(RouterRunning {
+        grpc_addr,
+        http_addr,
+        task,
+    })
+}
+
+async fn wait(task: tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    task.await.context("service task panicked")?
+}
+
+pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
+    init_threads(args.model.threads)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        telemetry("specd-target", &args.service)?;
+        let store = store(&args.service, false).await?;
+        let (_, path) = target_file(&args.model)?;
+        let target = load_gguf(&path)?;
+        let shutdown = Shutdown::on_signals();
+        if let Some(addr) = args.metrics_addr {
+            specd_service::metrics::serve_http(addr, shutdown.clone()).await?;
+        }
+        let running = start_target(
+            &target,
+            &args.service,
+            args.grpc_addr,
+            args.capacity,
+            args.max_batch_tokens,
+            store,
+            shutdown,
+        )
+        .await?;
+        println!("target listening on {}", running.advertised);
+        wait(running.task).await
+    })?;
+    specd_service::telemetry::shutdown();
+    Ok(())
+}
+
+pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
+    init_threads(args.model.threads)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        telemetry("specd-drafter", &args.service)?;
+        let store = store(&args.service, false).await?;
+        let (preset, path) = target_file(&args.model)?;
+        // The drafter needs the target's tokenizer, shape and (for `self`) its first layers.
+        let target = load_gguf(&path)?;
+        let (models, _) = drafter_models(&args.kinds, preset, &args.model, &target, false)?;
+        let id = identity(&target, instance_id(&args.service, Role::Drafter));
+        drop(target);
+        let shutdown = Shutdown::on_signals();
+        if let Some(addr) = args.metrics_addr {
+            specd_service::metrics::serve_http(addr, shutdown.clone()).await?;
+        }
+        let running = start_drafter(
+            models,
+            id,
+            &args.service,
+            args.grpc_addr,
+            args.capacity,
+            store,
+            shutdown,
+        )
+        .await?;
+        println!("drafter listening on {}", running.advertised);
+        wait(running.task).await
+    })?;
+    specd_service::telemetry::shutdown();
+    Ok(())
+}
+
+pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        telemetry("specd-router", &args.service)?;
+        let store = store(&args.service, false).await?;
+        let shutdown = Shutdown::on_signals();
+        let running =
+            start_router(&args.model, &args.service, &args.router, store, shutdown).await?;
+        println!(
+            "router grpc {} http {}",
+            running.grpc_addr, running.http_addr
+        );
+        wait(running.task).await
+    })?;
+    specd_service::telemetry::shutdown();
+    Ok(())
+}
+
+pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    init_threads(args.model.threads)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        telemetry("specd", &args.service)?;
+        let store = store(&args.service, true).await?;
+        let (preset, path) = target_file(&args.model)?;
+        let target = load_gguf(&path)?;
+        let (models, kinds) = drafter_models(&args.drafter_kinds, preset, &args.model, &target, true)?;
+        let shutdown = Shutdown::on_signals();
+        let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+        let mut svc_args = args.service.clone();
+        svc_args.instance_id = None;
+        svc_args.advertise_addr = None;
+        let t = start_target(
+            &target,
+            &svc_args,
+            loopback,
+            args.capacity,
+            DEFAULT_MAX_BATCH_TOKENS,
+            store.clone(),
+            shutdown.child(),
+        )
+        .await?;
+        let id = identity(&target, instance_id(&svc_args, Role::Drafter));
+        let d = start_drafter(models, id, &svc_args, loopback, 64, store.clone(), shutdown.child()).await?;
+        let r = start_router(&args.model, &args.service, &args.router, store, shutdown.clone()).await?;
+        println!("specd up: model {} ({}), drafters {}", model_id(&path), preset.name(), kinds.join(", "));
+        println!("  gRPC    {}  (specd.v1.Generation, health, reflection)", r.grpc_addr);
+        println!("  HTTP    http://{}  (OpenAI /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health)", r.http_addr);
+        println!("  target  {}   drafter {}", t.advertised, d.advertised);
+        println!("Ctrl-C to stop.");
+        // The router drains first (in-flight requests need the workers), then the workers stop.
+        let routed = wait(r.task).await;
+        let _ = wait(d.task).await;
+        let _ = wait(t.task).await;
+        routed
+    })?;
+    specd_service::telemetry::shutdown();
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! The drafter worker: the engine's drafters behind the `Drafter.Draft` stream.
+//!
+//! Each stream owns one drafter instance for its sequence (a draft model or self-drafter with its own KV
+//! cache over shared weights, or an n-gram drafter that learns into the worker-wide recycling table) and
+//! its token sequence. Proposals run on tokio's blocking pool, since a model drafter runs k forwards.
+//! Drafter samples are drawn from their own random stream, derived from the request seed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use specd_core::{Sampler, SamplingParams};
+use specd_engine::drafter::{
+    Drafter, DrafterKind, Feedback, ModelDrafter, NgramConfig, SharedNgram,
+};
+use specd_engine::Model;
+use specd_proto::internal::v1 as pb;
+use specd_proto::internal::v1::drafter_server;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::convert;
+use crate::slots::Slots;
+use crate::WorkerIdentity;
+
+/// Most tokens one Propose may ask for.
+pub const MAX_DRAFT_LEN: u32 = 32;
+
+/// Mixed into a request's seed for the drafter's own random stream, so it never replays the target's.
+const DRAFT_SEED_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// What a drafter worker can draft with.
+#[derive(Clone)]
+pub struct DrafterModels {
+    /// A separate draft model, for kind `model`.
+    pub draft: Option<Model>,
+    /// The self-drafter (the target's first layers), for kind `self`.
+    pub self_drafter: Option<Model>,
+    /// Whether the model-free kinds (`ngram`, `auto`) are offered.
+    pub ngram: bool,
+    /// Context length sequences are limited to (the target's).
+    pub context: usize,
+    /// Vocabulary size (the target's).
+    pub vocab: usize,
+}
+
+impl DrafterModels {
+    /// The kinds offered, as named on the wire.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut k = Vec::new();
+        if self.draft.is_some() {
+            k.push("model".to_string());
+        }
+        if self.self_drafter.is_some() {
+            k.push("self".to_string());
+        }
+        if self.ngram {
+            k.push("ngram".to_string());
+            k.push("auto".to_string());
+        }
+        k
+    }
+}
+
+/// The `Drafter` gRPC service.
+#[derive(Clone)]
+pub struct DrafterService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    models: DrafterModels,
+    shared_ngram: SharedNgram,
+    identity: WorkerIdentity,
+    slots: Slots,
+}
+
+/// One stream's sequence.
+struct SeqState {
+    drafter: Box<dyn Drafter>,
+    tokens: Vec<u32>,
+    params: SamplingParams,
+    sampler: Sampler,
+}
+
+impl DrafterService {
+    pub fn new(
+        models: DrafterModels,
+        identity: WorkerIdentity,
+        capacity: u32,
+        drain: specd_service::Drain,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                models,
+                shared_ngram: SharedNgram::default(),
+                identity,
+                slots: Slots::new("drafter", capacity, drain),
+            }),
+        }
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.inner.models.kinds()
+    }
+
+    pub fn active(&self) -> u32 {
+        self.inner.slots.active()
+    }
+
+    fn build(&self, kind: &str) -> Result<Box<dyn Drafter>, Status> {
+        let m = &self.inner.models;
+        let kind: DrafterKind = kind
+            .parse()
+            .map_err(|e: specd_engine::EngineError| Status::invalid_argument(e.to_string()))?;
+        let unavailable = || {
+            Status::invalid_argument(format!(
+                "this drafter worker has no {:?} drafter (it offers {:?})",
+                kind.name(),
+                m.kinds()
+            ))
+        };
+        Ok(match kind {
+            DrafterKind::Model => Box::new(ModelDrafter::new(
+                DrafterKind::Model,
+                m.draft.clone().ok_or_else(unavailable)?,
+            )),
+            DrafterKind::SelfLayers => Box::new(ModelDrafter::new(
+                DrafterKind::SelfLayers,
+                m.self_drafter.clone().ok_or_else(unavailable)?,
+            )),
+            DrafterKind::Ngram | DrafterKind::Auto if m.ngram => {
+                let mut d = specd_engine::drafter::NgramDrafter::with_shared(
+                    NgramConfig::default(),
+                    self.inner.shared_ngram.clone(),
+                );
+                d.set_kind(kind);
+                Box::new(d)
+            }
+            _ => return Err(unavailable()),
+        })
+    }
+
+    async fn open(&self, open: pb::draft_request::Open) -> Result<SeqState, Status> {
+        let m = &self.inner.models;
+        if open.prompt_ids.is_empty() {
+            return Err(Status::invalid_argument("open: prompt_ids is empty"));
+        }
+        if open.prompt_ids.len() >= m.context {
+            return Err(Status::invalid_argument(format!(
+                "open: prompt of {} tokens leaves no room in the context of {}",
+                open.prompt_ids.len(),
+                m.context
+            )));
+        }
+        convert::check_tokens("open: prompt_ids", &open.prompt_ids, m.vocab)?;
+        let params = convert::sampling(open.sampling.as_ref())?;
+        let mut drafter = self.build(&open.drafter_kind)?;
+        let prompt = open.prompt_ids;
+        let sampler = Sampler::new(params.seed.map(|s| s ^ DRAFT_SEED_SALT));
+        let (drafter, prompt) =
+            tokio::task::spawn_blocking(move || drafter.begin(&prompt).map(|()| (drafter, prompt)))
+                .await
+                .map_err(|e| Status::internal(format!("drafter prefill panicked: {e}")))?
+                .map_err(convert::status)?;
+        Ok(SeqState {
+            drafter,
+            tokens: prompt,
+            params,
+            sampler,
+        })
+    }
+
+    async fn serve_stream(
+        self,
+        mut inbound: Streaming<pb::DraftRequest>,
+        out: mpsc::Sender<Result<pb::DraftResponse, Status>>,
+    ) {
+        use pb::draft_request::Msg;
+        use pb::draft_response::Msg as Out;
+        let first = tokio::select! {
+            m = inbound.message() => m,
+            _ = out.closed() => return,
+        };
+        let open = match first {
+            Ok(Some(pb::DraftRequest {
+                msg: Some(Msg::Open(open)),
+            })) => open,
+            Ok(Some(_)) => {
+                let _ = out
+                    .send(Err(Status::invalid_argument(
+                        "the first message on a Draft stream must be Open",
+                    )))
+                    .await;
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        };
+        let _slot = match self.inner.slots.admit() {
+            Ok(s) => s,
+            Err(s) => {
+                let _ = out.send(Err(s)).await;
+                return;
+            }
+        };
+        let mut state = match self.open(open).await {
+            Ok(s) => s,
+            Err(s) => {
+                let _ = out.send(Err(s)).await;
+                return;
+            }
+        };
+        let opened = pb::draft_response::Opened {
+            context_len: state.tokens.len() as u32,
+            drafter_version: self.inner.identity.weights_version.clone(),
+            feedback_width: state.drafter.feedback_width() as u32,
+        };
+        if out
+            .send(Ok(pb::DraftResponse {
+                msg: Some(Out::Opened(opened)),
+            }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = out.closed() => return,
+            };
+            let reply = match msg {
+                Ok(Some(pb::DraftRequest {
+                    msg: Some(Msg::Propose(p)),
+                })) => {
+                    let (s, r) = self.propose(state, p).await;
+                    let r = r.map(|p| pb::DraftResponse {
+                        msg: Some(Out::Proposal(p)),
+                    });
+                    let Some(s) = s else {
+                        // The drafter was lost: report and end the stream.
+                        let _ = out.send(r).await;
+                        return;
+                    };
+                    state = s;
+                    r
+                }
+                Ok(Some(pb::DraftRequest {
+                    msg: Some(Msg::Close(_)),
+                })) => {
+                    let _ = out
+                        .send(Ok(pb::DraftResponse {
+                            msg: Some(Out::Closed(pb::draft_response::Closed {})),
+                        }))
+                        .await;
+                    return;
+                }
+                Ok(Some(_)) => Err(Status::invalid_argument(
+                    "expected Propose or Close on an open Draft stream",
+                )),
+                Ok(None) | Err(_) => return,
+            };
+            let failed = reply.is_err();
+            if out.send(reply).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+
+    /// Runs one Propose; gives the state back unless the drafter was lost (a panic).
+    async fn propose(
+        &self,
+        mut state: SeqState,
+        p: pb::draft_request::Propose,
+    ) -> (
+        Option<SeqState>,
+        Result<pb::draft_response::Proposal, Status>,
+    ) {
+        let m = &self.inner.models;
+        let keep = p.keep_len as usize;
+        let check = (|| {
+            if keep > state.tokens.len() {
+                return Err(Status::invalid_argument(format!(
+                    "propose: keep_len {keep} exceeds the sequence length {}",
+                    state.tokens.len()
+                )));
+            }
+            if p.k == 0 || p.k > MAX_DRAFT_LEN {
+                return Err(Status::invalid_argument(format!(
+                    "propose: k must be in 1..={MAX_DRAFT_LEN}, got {}",
+                    p.k
+                )));
+            }
+            convert::check_tokens("propose: append_ids", &p.append_ids, m.vocab)?;
+            if keep + p.append_ids.len() == 0 {
+                return Err(Status::invalid_argument(
+                    "propose: the context would be empty",
+                ));
+            }
+            if keep + p.append_ids.len() >= m.context {
+                return Err(Status::invalid_argument("propose: the context is full"));
+            }
+            if let Some(f) = &p.feedback {
+                if f.target_top.len() != f.inputs.len() * f.width as usize {
+                    return Err(Status::invalid_argument(
+                        "propose: feedback needs width candidates per input",
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(s) = check {
+            return (Some(state), Err(s));
+        }
+        state.tokens.truncate(keep);
+        state.tokens.extend_from_slice(&p.append_ids);
+        let k = (p.k as usize).min(m.context - state.tokens.len());
+        let t0 = Instant::now();
+        let joined = tokio::task::spawn_blocking(move || {
+            if let Some(f) = &p.feedback {
+                let w = f.width as usize;
+                let top: Vec<Vec<u32>> = if w == 0 {
+                    Vec::new()
+                } else {
+                    f.target_top.chunks(w).map(<[u32]>::to_vec).collect()
+                };
+                if !top.is_empty() {
+                    state.drafter.observe(&Feedback {
+                        inputs: &f.inputs,
+                        target_top: &top,
+                    });
+                }
+            }
+            if !p.step_costs.is_empty() {
+                let costs: Vec<f64> = p.step_costs.iter().map(|&c| f64::from(c)).collect();
+                state.drafter.set_step_costs(&costs);
+            }
+            let r = state
+                .drafter
+                .propose(&state.tokens, k, &state.params, &mut state.sampler);
+            (state, r)
+        })
+        .await;
+        let (mut state, r) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                return (
+                    None,
+                    Err(Status::internal(format!("drafter panicked: {e}"))),
+                )
+            }
+        };
+        let draft_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("specd_worker_step_seconds", "role" => "drafter")
+            .record(draft_ms / 1000.0);
+        match r {
+            Ok(mut proposal) => {
+                proposal.tokens.truncate(k);
+                proposal.q.truncate(proposal.tokens.len());
+                state.tokens.extend_from_slice(&proposal.tokens);
+                let q = proposal.q.iter().map(convert::dist_to_wire).collect();
+                (
+                    Some(state),
+                    Ok(pb::draft_response::Proposal {
+                        tokens: proposal.tokens,
+                        q,
+                        draft_ms,
+                    }),
+                )
+            }
+            Err(e) => (Some(state), Err(convert::status(e))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl drafter_server::Drafter for DrafterService {
+    type DraftStream = ReceiverStream<Result<pb::DraftResponse, Status>>;
+
+    async fn draft(
+        &self,
+        request: Request<Streaming<pb::DraftRequest>>,
+    ) -> Result<Response<Self::DraftStream>, Status> {
+        let span = tracing::info_span!("drafter.draft");
+        specd_service::telemetry::extract(request.metadata(), &span);
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(
+            self.clone()
+                .serve_stream(request.into_inner(), tx)
+                .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        let id = &self.inner.identity;
+        Ok(Response::new(pb::WorkerInfo {
+            role: "drafter".into(),
+            instance_id: id.instance_id.clone(),
+            model: id.model.clone(),
+            family: id.family.clone(),
+            tokenizer_fingerprint: id.fingerprint.clone(),
+            context_length: id.context as u32,
+            capacity: self.inner.slots.capacity(),
+            active_sequences: self.active(),
+            drafter_kinds: self.kinds(),
+            weights_version: id.weights_version.clone(),
+        }))
+    }
+}

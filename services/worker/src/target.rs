@@ -1,0 +1,591 @@
+//! The target worker: the target model behind the `Target.Verify` stream, with verification batched
+//! across sequences.
+//!
+//! One engine thread owns the model and every sequence's KV cache. Stream handlers (async tasks, one per
+//! sequence) send it commands; it takes everything that is waiting, runs ONE `forward_batch` over all the
+//! sequences' new tokens (prefills and verify steps together), applies the rejection rule per sequence
+//! with that sequence's own sampler, and answers each handler. The forward pass is batch-invariant, so a
+//! sequence's logits (and so its greedy output) do not depend on what it was batched with.
+//!
+//! Sequence bookkeeping follows `proto/specd/internal/v1/worker.proto`: the KV cache holds every context
+//! token but the last; a step truncates to `keep_len`, appends `append_ids`, then feeds the tokens the
+//! cache lacks plus the drafts and reads logits at the last `drafts + 1` positions.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Instant;
+
+use specd_core::{verify, verify_greedy, Sampler, SamplingParams, SparseDist};
+use specd_engine::{KvCache, LogitsWanted, Model, SeqInput};
+use specd_proto::internal::v1 as pb;
+use specd_proto::internal::v1::target_server::Target;
+use specd_service::Drain;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::convert::{self, MAX_FEEDBACK_WIDTH};
+use crate::slots::{Slot, Slots};
+use crate::WorkerIdentity;
+
+/// Most new tokens one batched forward takes; further commands wait for the next batch. Bounds the
+/// latency a long prefill adds to the verify steps batched with it.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+
+type Reply<T> = oneshot::Sender<Result<T, Status>>;
+
+enum Cmd {
+    Open {
+        seq: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        reply: Reply<pb::verify_response::Opened>,
+    },
+    Step {
+        seq: u64,
+        step: pb::verify_request::Step,
+        reply: Reply<pb::verify_response::StepResult>,
+    },
+    Close {
+        seq: u64,
+    },
+}
+
+struct Seq {
+    /// The proto's sequence: committed context, then the last step's drafts.
+    tokens: Vec<u32>,
+    cache: KvCache,
+    params: SamplingParams,
+    sampler: Sampler,
+}
+
+/// A unit of the next batched forward.
+struct Work {
+    id: u64,
+    seq: Seq,
+    feed: Vec<u32>,
+    job: Job,
+}
+
+enum Job {
+    Open(Reply<pb::verify_response::Opened>),
+    Step {
+        drafts: Vec<u32>,
+        q: Vec<SparseDist>,
+        width: usize,
+        reply: Reply<pb::verify_response::StepResult>,
+    },
+}
+
+/// Owns the model and the sequences; runs on its own thread.
+struct Engine {
+    model: Model,
+    seqs: HashMap<u64, Seq>,
+    max_batch_tokens: usize,
+}
+
+impl Engine {
+    fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
+        let mut carry: Option<Cmd> = None;
+        loop {
+            let first = match carry.take() {
+                Some(c) => c,
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
+            };
+            let mut cmds = vec![first];
+            let mut tokens = cmd_tokens(&cmds[0]);
+            while let Ok(c) = rx.try_recv() {
+                let t = cmd_tokens(&c);
+                if tokens + t > self.max_batch_tokens && tokens > 0 {
+                    carry = Some(c);
+                    break;
+                }
+                tokens += t;
+                cmds.push(c);
+            }
+            self.batch(cmds);
+        }
+    }
+
+    fn batch(&mut self, cmds: Vec<Cmd>) {
+        let t0 = Instant::now();
+        let cfg = self.model.config().clone();
+        let mut work = Vec::new();
+        let mut closes = Vec::new();
+        for cmd in cmds {
+            match cmd {
+                Cmd::Close { seq } => closes.push(seq),
+                Cmd::Open {
+                    seq,
+                    prompt,
+                    params,
+                    reply,
+                } => {
+                    if let Err(s) = check_open(&prompt, cfg.vocab, cfg.context) {
+                        let _ = reply.send(Err(s));
+                        continue;
+                    }
+                    let feed = prompt[..prompt.len() - 1].to_vec();
+                    let sampler = Sampler::new(params.seed);
+                    work.push(Work {
+                        id: seq,
+                        seq: Seq {
+                            tokens: prompt,
+                            cache: self.model.new_cache(),
+                            params,
+                            sampler,
+                        },
+                        feed,
+                        job: Job::Open(reply),
+                    });
+                }
+                Cmd::Step { seq, step, reply } => {
+                    let Some(mut s) = self.seqs.remove(&seq) else {
+                        let _ = reply.send(Err(Status::failed_precondition(
+                            "step on a sequence that is not open",
+                        )));
+                        continue;
+                    };
+                    match prepare_step(&mut s, step, cfg.vocab, cfg.context) {
+                        Ok((feed, drafts, q, width)) => work.push(Work {
+                            id: seq,
+                            seq: s,
+                            feed,
+                            job: Job::Step {
+                                drafts,
+                                q,
+                                width,
+                                reply,
+                            },
+                        }),
+                        Err(status) => {
+                            self.seqs.insert(seq, s);
+                            let _ = reply.send(Err(status));
+                        }
+                    }
+                }
+            }
+        }
+        if !work.is_empty() {
+            self.forward(work, t0);
+        }
+        for seq in closes {
+            self.seqs.remove(&seq);
+        }
+    }
+
+    fn forward(&mut self, mut work: Vec<Work>, t0: Instant) {
+        let result = {
+            let mut inputs: Vec<SeqInput<'_>> = work
+                .iter_mut()
+                .map(|w| SeqInput {
+                    cache: &mut w.seq.cache,
+                    tokens: &w.feed,
+                    wanted: match &w.job {
+                        Job::Open(_) => LogitsWanted::None,
+                        Job::Step { drafts, .. } => LogitsWanted::Tail(drafts.len() + 1),
+                    },
+                })
+                .collect();
+            self.model.forward_batch(&mut inputs)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Inputs were validated, so this is an engine fault: fail these steps, keep the
+                // sequences (their caches are untouched by a refused forward).
+                let status = convert::status(e);
+                tracing::error!(error = %status.message(), "batched forward failed");
+                for w in work {
+                    match w.job {
+                        Job::Open(reply) => {
+                            let _ = reply.send(Err(status.clone()));
+                        }
+                        Job::Step { reply, .. } => {
+                            let _ = reply.send(Err(status.clone()));
+                            self.seqs.insert(w.id, w.seq);
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        let vocab = self.model.config().vocab;
+        let batch_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        metrics::histogram!("specd_worker_step_seconds", "role" => "target")
+            .record(batch_ms / 1000.0);
+        for (w, logits) in work.into_iter().zip(logits) {
+            let Work {
+                id, mut seq, job, ..
+            } = w;
+            match job {
+                Job::Open(reply) => {
+                    let opened = pb::verify_response::Opened {
+                        context_len: seq.tokens.len() as u32,
+                    };
+                    if reply.send(Ok(opened)).is_ok() {
+                        self.seqs.insert(id, seq);
+                    }
+                }
+                Job::Step {
+                    drafts,
+                    q,
+                    width,
+                    reply,
+                } => {
+                    let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
+                    let r = decide(&mut seq, &drafts, &q, &rows, width, batch_ms);
+                    seq.tokens.extend_from_slice(&drafts);
+                    let _ = reply.send(r);
+                    self.seqs.insert(id, seq);
+                }
+            }
+        }
+    }
+}
+
+fn cmd_tokens(c: &Cmd) -> usize {
+    match c {
+        Cmd::Open { prompt, .. } => prompt.len(),
+        Cmd::Step { step, .. } => step.drafts.len() + step.append_ids.len() + 1,
+        Cmd::Close { .. } => 0,
+    }
+}
+
+fn check_open(prompt: &[u32], vocab: usize, context: usize) -> Result<(), Status> {
+    if prompt.is_empty() {
+        return Err(Status::invalid_argument("open: prompt_ids is empty"));
+    }
+    if prompt.len() >= context {
+        return Err(Status::invalid_argument(format!(
+            "open: prompt of {} tokens leaves no room in the context of {context}",
+            prompt.len()
+        )));
+    }
+    convert::check_tokens("open: prompt_ids", prompt, vocab)
+}
+
+type Prepared = (Vec<u32>, Vec<u32>, Vec<SparseDist>, usize);
+
+/// Validates a step, applies its rollback and append to `s`, and returns what to feed.
+fn prepare_step(
+    s: &mut Seq,
+    step: pb::verify_request::Step,
+    vocab: usize,
+    context: usize,
+) -> Result<Prepared, Status> {
+    let keep = step.keep_len as usize;
+    if keep > s.tokens.len() {
+        return Err(Status::invalid_argument(format!(
+            "step: keep_len {keep} exceeds the sequence length {}",
+            s.tokens.len()
+        )));
+    }
+    convert::check_tokens("step: append_ids", &step.append_ids, vocab)?;
+    convert::check_tokens("step: drafts", &step.drafts, vocab)?;
+    let new_len = keep + step.append_ids.len();
+    if new_len == 0 {
+        return Err(Status::invalid_argument("step: the context would be empty"));
+    }
+    if new_len + step.drafts.len() > context {
+        return Err(Status::invalid_argument(format!(
+            "step: {new_len} context tokens plus {} drafts exceed the context of {context}",
+            step.drafts.len()
+        )));
+    }
+    let width = step.feedback_width as usize;
+    if width > MAX_FEEDBACK_WIDTH {
+        return Err(Status::invalid_argument(format!(
+            "step: feedback_width {width} exceeds {MAX_FEEDBACK_WIDTH}"
+        )));
+    }
+    let q = if s.params.is_greedy() && step.q.is_empty() {
+        Vec::new()
+    } else {
+        if step.q.len() != step.drafts.len() {
+            return Err(Status::invalid_argument(format!(
+                "step: {} drafts but {} draft distributions",
+                step.drafts.len(),
+                step.q.len()
+            )));
+        }
+        step.q
+            .iter()
+            .zip(&step.drafts)
+            .map(|(d, &t)| convert::dist(d, t, vocab))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    s.tokens.truncate(keep);
+    s.tokens.extend_from_slice(&step.append_ids);
+    let fed = s.cache.len().min(keep);
+    s.cache.truncate(fed);
+    let mut feed = s.tokens[fed..].to_vec();
+    feed.extend_from_slice(&step.drafts);
+    Ok((feed, step.drafts, q, width))
+}
+
+/// The rejection rule over one step's logits rows (`drafts.len() + 1` of them).
+fn decide(
+    seq: &mut Seq,
+    drafts: &[u32],
+    q: &[SparseDist],
+    rows: &[&[f32]],
+    width: usize,
+    batch_ms: f64,
+) -> Result<pb::verify_response::StepResult, Status> {
+    let verdict = if seq.params.is_greedy() {
+        let argmax: Vec<u32> = rows.iter().map(|r| specd_core::argmax(r)).collect();
+        verify_greedy(drafts, &argmax)
+    } else {
+        let p = rows
+            .iter()
+            .map(|r| SparseDist::from_logits(r, &seq.params))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(format!("target distribution: {e}")))?;
+        verify(drafts, q, &p, &mut seq.sampler)
+    }
+    .map_err(|e| Status::internal(format!("verify: {e}")))?;
+    let used = verdict.accepted + 1;
+    let feedback = (width > 0).then(|| {
+        // The context's last token, then the accepted drafts: the inputs at the positions used.
+        let context_last = seq.tokens[seq.tokens.len() - 1];
+        let mut inputs = vec![context_last];
+        inputs.extend_from_slice(&drafts[..verdict.accepted]);
+        let target_top = rows[..used]
+            .iter()
+            .flat_map(|r| top_ids(r, width))
+            .collect();
+        pb::StepFeedback {
+            inputs,
+            width: width as u32,
+            target_top,
+        }
+    });
+    Ok(pb::verify_response::StepResult {
+        accepted: verdict.accepted as u32,
+        next_token: verdict.next_token,
+        emitted: verdict.emitted(drafts),
+        verify_ms: batch_ms,
+        feedback,
+    })
+}
+
+/// The `n` highest logits' ids, best first (ties to the lower id).
+pub fn top_ids(logits: &[f32], n: usize) -> Vec<u32> {
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    for (i, &v) in logits.iter().enumerate() {
+        if best.len() < n || v > best[best.len() - 1].0 {
+            let pos = best.partition_point(|&(b, _)| b >= v);
+            best.insert(pos, (v, i as u32));
+            best.truncate(n);
+        }
+    }
+    best.into_iter().map(|(_, i)| i).collect()
+}
+
+/// The `Target` gRPC service.
+#[derive(Clone)]
+pub struct TargetService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: std_mpsc::Sender<Cmd>,
+    identity: WorkerIdentity,
+    slots: Slots,
+    next_seq: AtomicU64,
+}
+
+/// Frees a sequence on the engine thread when its stream ends, however it ends.
+struct SeqGuard {
+    inner: Arc<Inner>,
+    seq: u64,
+    _slot: Slot,
+}
+
+impl Drop for SeqGuard {
+    fn drop(&mut self) {
+        let _ = self.inner.engine.send(Cmd::Close { seq: self.seq });
+    }
+}
+
+impl TargetService {
+    /// Starts the engine thread over `model`.
+    pub fn start(
+        model: Model,
+        identity: WorkerIdentity,
+        capacity: u32,
+        max_batch_tokens: usize,
+        drain: Drain,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = std_mpsc::channel();
+        let engine = Engine {
+            model,
+            seqs: HashMap::new(),
+            max_batch_tokens: max_batch_tokens.max(1),
+        };
+        std::thread::Builder::new()
+            .name("specd-target-engine".into())
+            .spawn(move || engine.run(rx))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine: tx,
+                identity,
+                slots: Slots::new("target", capacity, drain),
+                next_seq: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// Sequences open right now.
+    pub fn active(&self) -> u32 {
+        self.inner.slots.active()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .engine
+            .send(make(tx))
+            .map_err(|_| Status::unavailable("target engine stopped"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("target engine stopped"))?
+    }
+
+    /// Serves one Verify stream to its end.
+    async fn serve_stream(
+        self,
+        mut inbound: Streaming<pb::VerifyRequest>,
+        out: mpsc::Sender<Result<pb::VerifyResponse, Status>>,
+    ) {
+        use pb::verify_request::Msg;
+        use pb::verify_response::Msg as Out;
+        // The first message must be Open.
+        let first = tokio::select! {
+            m = inbound.message() => m,
+            _ = out.closed() => return,
+        };
+        let open = match first {
+            Ok(Some(pb::VerifyRequest {
+                msg: Some(Msg::Open(open)),
+            })) => open,
+            Ok(Some(_)) => {
+                let _ = out
+                    .send(Err(Status::invalid_argument(
+                        "the first message on a Verify stream must be Open",
+                    )))
+                    .await;
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        };
+        let admitted = convert::sampling(open.sampling.as_ref())
+            .and_then(|p| Ok((p, self.inner.slots.admit()?)));
+        let (params, slot) = match admitted {
+            Ok(a) => a,
+            Err(s) => {
+                let _ = out.send(Err(s)).await;
+                return;
+            }
+        };
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let _guard = SeqGuard {
+            inner: Arc::clone(&self.inner),
+            seq,
+            _slot: slot,
+        };
+        let prompt = open.prompt_ids;
+        let opened = self
+            .call(|reply| Cmd::Open {
+                seq,
+                prompt,
+                params,
+                reply,
+            })
+            .await;
+        let ok = opened.is_ok();
+        if out
+            .send(opened.map(|o| pb::VerifyResponse {
+                msg: Some(Out::Opened(o)),
+            }))
+            .await
+            .is_err()
+            || !ok
+        {
+            return;
+        }
+        loop {
+            let msg = tokio::select! {
+                m = inbound.message() => m,
+                _ = out.closed() => return,
+            };
+            let reply = match msg {
+                Ok(Some(pb::VerifyRequest {
+                    msg: Some(Msg::Step(step)),
+                })) => self
+                    .call(|reply| Cmd::Step { seq, step, reply })
+                    .await
+                    .map(|r| pb::VerifyResponse {
+                        msg: Some(Out::StepResult(r)),
+                    }),
+                Ok(Some(pb::VerifyRequest {
+                    msg: Some(Msg::Close(_)),
+                })) => {
+                    let _ = out
+                        .send(Ok(pb::VerifyResponse {
+                            msg: Some(Out::Closed(pb::verify_response::Closed {})),
+                        }))
+                        .await;
+                    return;
+                }
+                Ok(Some(_)) => Err(Status::invalid_argument(
+                    "expected Step or Close on an open Verify stream",
+                )),
+                // The client ended or cancelled the stream: the guard frees the sequence.
+                Ok(None) | Err(_) => return,
+            };
+            let failed = reply.is_err();
+            if out.send(reply).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Target for TargetService {
+    type VerifyStream = ReceiverStream<Result<pb::VerifyResponse, Status>>;
+
+    async fn verify(
+        &self,
+        request: Request<Streaming<pb::VerifyRequest>>,
+    ) -> Result<Response<Self::VerifyStream>, Status> {
+        let span = tracing::info_span!("target.verify");
+        specd_service::telemetry::extract(request.metadata(), &span);
+        let (tx, rx) = mpsc::channel(2);
+        let this = self.clone();
+        tokio::spawn(this.serve_stream(request.into_inner(), tx).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        let id = &self.inner.identity;
+        Ok(Response::new(pb::WorkerInfo {
+            role: "target".into(),
+            instance_id: id.instance_id.clone(),
+            model: id.model.clone(),
+            family: id.family.clone(),
+            tokenizer_fingerprint: id.fingerprint.clone(),
+            context_length: id.context as u32,
+            capacity: self.inner.slots.capacity(),
+            active_sequences: self.active(),
+            drafter_kinds: Vec::new(),
+            weights_version: id.weights_version.clone(),
+        }))
+    }
+}
