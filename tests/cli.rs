@@ -17,73 +17,15 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use specd_core::SamplingParams;
 use specd_engine::{load_gguf, Family, GenerateOptions, Generator, LoadedModel};
-use specd_tests::{model_file, temp_dir, tiny_spec, write_tiny, SMOLLM_FILE};
+use specd_tests::{model_file, specd_bin, temp_dir, tiny_spec, write_tiny, SMOLLM_FILE};
 use specd_tokenizer::DecodeStream;
 
 /// Longest a single `specd` run may take before the test fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The `specd` binary, built on first use.
-fn specd_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("SPECD_BIN") {
-            return PathBuf::from(p);
-        }
-        // Tests run from <target>/<profile dir>/deps/.
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binaries live in <target>/<profile>/deps")
-            .to_path_buf();
-        let target_dir = profile_dir
-            .parent()
-            .expect("a target directory")
-            .to_path_buf();
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(&workspace)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "specd",
-                "--bin",
-                "specd",
-                "--target-dir",
-            ])
-            .arg(&target_dir);
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => {}
-            Some("release") => {
-                cmd.arg("--release");
-            }
-            Some(other) => {
-                cmd.args(["--profile", other]);
-            }
-            None => panic!(
-                "cannot tell the build profile from {}",
-                profile_dir.display()
-            ),
-        }
-        let out = cmd.output().expect("running cargo build -p specd");
-        assert!(
-            out.status.success(),
-            "cargo build -p specd failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = profile_dir.join(format!("specd{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-}
 
 #[derive(Debug)]
 struct Output {

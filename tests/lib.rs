@@ -6,7 +6,10 @@
 //! `SKIP: ...` line and pass when a file is missing (CI fetches them; `make test-fast` points the variable
 //! at a missing directory).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
 
 use specd_core::SamplingParams;
 use specd_engine::testing::{write_tiny_model, TinySpec};
@@ -227,4 +230,61 @@ pub fn check_matmul_rows(model: &Model, layers: &[usize], counts: &[usize], what
             }
         }
     }
+}
+
+/// The `specd` binary, built on first use.
+pub fn specd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("SPECD_BIN") {
+            return PathBuf::from(p);
+        }
+        // Tests run from <target>/<profile dir>/deps/.
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binaries live in <target>/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir
+            .parent()
+            .expect("a target directory")
+            .to_path_buf();
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&workspace)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "specd",
+                "--bin",
+                "specd",
+                "--target-dir",
+            ])
+            .arg(&target_dir);
+        match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+            None => panic!(
+                "cannot tell the build profile from {}",
+                profile_dir.display()
+            ),
+        }
+        let out = cmd.output().expect("running cargo build -p specd");
+        assert!(
+            out.status.success(),
+            "cargo build -p specd failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = profile_dir.join(format!("specd{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
 }
