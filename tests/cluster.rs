@@ -496,7 +496,8 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
         );
     }
     assert!(
-        c.router_log().contains("target failed; re-prefilling on another"),
+        c.router_log()
+            .contains("target failed; re-prefilling on another"),
         "the kill hit a request in flight (the router logged the hand-over)"
     );
     c.targets[1].kill();

@@ -26,8 +26,9 @@ pub const EJECT_FOR: Duration = Duration::from_secs(5);
 pub struct Worker {
     pub record: InstanceRecord,
     pub channel: Channel,
-    /// Sequences this router has open on it.
-    in_flight: AtomicU32,
+    /// Sequences this router has open on it; shared with the entries that replace this one when the
+    /// record changes, so a lease taken on an older entry is still counted and released.
+    in_flight: Arc<AtomicU32>,
     ejected_until: RwLock<Option<Instant>>,
 }
 
@@ -43,7 +44,7 @@ impl Worker {
         Ok(Self {
             channel: endpoint.connect_lazy(),
             record,
-            in_flight: AtomicU32::new(0),
+            in_flight: Arc::new(AtomicU32::new(0)),
             ejected_until: RwLock::new(None),
         })
     }
@@ -186,16 +187,12 @@ impl Pool {
         }
         if let Some(old) = current.get(&record.id) {
             if old.record.address == record.address {
-                let w = Worker {
+                return Some(Arc::new(Worker {
                     channel: old.channel.clone(),
-                    in_flight: AtomicU32::new(0),
+                    in_flight: Arc::clone(&old.in_flight),
                     ejected_until: RwLock::new(None),
                     record,
-                };
-                // Keep the router's own count: it is what the router has placed there.
-                w.in_flight
-                    .store(old.in_flight.load(Ordering::Acquire), Ordering::Release);
-                return Some(Arc::new(w));
+                }));
             }
         }
         match Worker::new(record) {
@@ -344,6 +341,27 @@ mod tests {
         let a = pool.place(Role::Target, &session).expect("placed");
         let b = pool.place(Role::Target, &session).expect("placed");
         assert_eq!(a.worker.id(), b.worker.id(), "same session, same worker");
+    }
+
+    #[tokio::test]
+    async fn leases_survive_record_updates() {
+        let r = record(Role::Target, "a", 1, 0);
+        let pool = pool_with(std::slice::from_ref(&r));
+        let want = Want {
+            fingerprint: "fp",
+            ..Want::default()
+        };
+        let lease = pool.place(Role::Target, &want).expect("placed");
+        // A load update replaces the entry while the lease is out.
+        let mut updated = r.clone();
+        updated.load = 1;
+        pool.put(&updated.key(), &updated.encode().expect("encode"));
+        assert!(pool.place(Role::Target, &want).is_none(), "still full");
+        drop(lease);
+        assert!(
+            pool.place(Role::Target, &want).is_some(),
+            "the lease was released on the current entry"
+        );
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use crate::generate::{load_target, prompt_ids, round};
 
 /// Code prompts: editing and completing code the prompt already shows, the traffic a coding assistant
 /// sees most.
-const CODE_PROMPTS: &[&str] = &[
+pub(crate) const CODE_PROMPTS: &[&str] = &[
     "Add type hints and a docstring to this Python function, and return the whole function:\n\n\
 def merge_intervals(intervals):\n    intervals = sorted(intervals, key=lambda x: x[0])\n    merged = []\n    \
 for start, end in intervals:\n        if merged and start <= merged[-1][1]:\n            \
@@ -32,7 +32,7 @@ const k = item[key];\n    if (!out[k]) out[k] = [];\n    out[k].push(item);\n  }
 ];
 
 /// Prose prompts.
-const PROSE_PROMPTS: &[&str] = &[
+pub(crate) const PROSE_PROMPTS: &[&str] = &[
     "Explain in a short paragraph why the sky is blue.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Summarize the main causes of the French Revolution in a few sentences.",
@@ -340,7 +340,7 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn machine_description() -> String {
+pub(crate) fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -26,6 +26,8 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Measure the cluster's overhead against the single-process engine on the same prompts.
+    BenchCluster(crate::bench_cluster::BenchClusterArgs),
     /// Run a whole cluster in this process (router, drafter and target worker, embedded store).
     Up(crate::serve::UpArgs),
     /// Run a router (public gRPC and OpenAI HTTP APIs); needs --etcd.

@@ -2,6 +2,7 @@
 //!
 //! - `specd generate`: one prompt through the single-process engine, text streamed to stdout, a stats line
 //!   to stderr.
+//! - `specd bench-cluster`: the distributed path's overhead against the single-process engine.
 //! - `specd bench`: the speculation benchmark over code and prose prompts (a program that prints figures).
 //! - `specd models fetch`: the pinned model files, through `scripts/fetch-models.sh`.
 //! - `specd up`: a whole cluster in this process (router, drafter worker, target worker, embedded
@@ -10,6 +11,7 @@
 //! Every failure is a clear message on stderr and a non-zero exit, never a panic.
 
 mod bench;
+mod bench_cluster;
 mod cli;
 mod generate;
 mod serve;
@@ -46,6 +48,7 @@ fn run_local(command: cli::Command) {
     let result = match command {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(args) => bench::run(args),
+        cli::Command::BenchCluster(args) => bench_cluster::run(args),
         cli::Command::Models(cli::ModelsCommand::Fetch(args)) => cli::fetch_models(args),
         cli::Command::Up(_)
         | cli::Command::Router(_)

@@ -148,7 +148,7 @@ pub struct UpArgs {
     pub capacity: u32,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -156,7 +156,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn telemetry(service: &str, args: &ServiceArgs) -> anyhow::Result<()> {
+pub(crate) fn telemetry(service: &str, args: &ServiceArgs) -> anyhow::Result<()> {
     let log_format: LogFormat = args.log_format.parse()?;
     specd_service::telemetry::init(&TelemetryConfig {
         service: service.to_string(),
@@ -181,7 +181,7 @@ async fn store(args: &ServiceArgs, allow_memory: bool) -> anyhow::Result<Store> 
         .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))
 }
 
-fn instance_id(args: &ServiceArgs, role: Role) -> String {
+pub(crate) fn instance_id(args: &ServiceArgs, role: Role) -> String {
     args.instance_id
         .clone()
         .unwrap_or_else(|| format!("{}-{}", role.as_str(), &specd_service::random_id()[..8]))
@@ -203,7 +203,7 @@ fn serve_options(
     }
 }
 
-fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)> {
+pub(crate) fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)> {
     let preset: Preset = args.model_preset.parse()?;
     let path = args
         .model
@@ -212,7 +212,7 @@ fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)> {
     Ok((preset, path))
 }
 
-fn identity(target: &LoadedModel, id: String) -> WorkerIdentity {
+pub(crate) fn identity(target: &LoadedModel, id: String) -> WorkerIdentity {
     WorkerIdentity {
         instance_id: id,
         model: model_id(&target.path),
@@ -244,7 +244,7 @@ fn record(role: Role, id: &WorkerIdentity, capacity: u32, kinds: Vec<String>) ->
     }
 }
 
-async fn start_target(
+pub(crate) async fn start_target(
     target: &LoadedModel,
     args: &ServiceArgs,
     addr: SocketAddr,
@@ -276,7 +276,7 @@ async fn start_target(
 }
 
 /// The drafter models for `kinds` (empty: the preset's default set).
-fn drafter_models(
+pub(crate) fn drafter_models(
     kinds: &[String],
     preset: Preset,
     margs: &ModelArgs,
@@ -331,7 +331,7 @@ fn drafter_models(
     Ok((models, offered))
 }
 
-async fn start_drafter(
+pub(crate) async fn start_drafter(
     models: DrafterModels,
     id: WorkerIdentity,
     args: &ServiceArgs,
@@ -358,12 +358,13 @@ async fn start_drafter(
 
 /// A started router: its addresses and the task that ends when it has drained.
 pub struct RouterRunning {
+    pub router: Arc<Router>,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-async fn start_router(
+pub(crate) async fn start_router(
     margs: &ModelArgs,
     args: &ServiceArgs,
     opts: &RouterOpts,
@@ -445,6 +446,7 @@ async fn start_router(
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "router serving");
     let drain_deadline = Duration::from_secs(args.drain_secs);
     let load_router = Arc::clone(&router);
+    let router_out = Arc::clone(&router);
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut last = u32::MAX;
@@ -480,6 +482,7 @@ async fn start_router(
         Ok(())
     });
     Ok(RouterRunning {
+        router: router_out,
         grpc_addr,
         http_addr,
         task,
