@@ -6,7 +6,7 @@ CARGO ?= cargo
 SPECD := $(CARGO_TARGET_DIR)/release/specd
 PROMPT ?= Write a Python function that checks whether a number is prime.
 
-.PHONY: all setup models build run test test-fast bench lint fmt clean
+.PHONY: all setup models build run generate test test-fast bench bench-cluster lint fmt clean
 
 all: build
 
@@ -19,8 +19,16 @@ models:
 build: setup
 	$(CARGO) build --release -p specd
 
-# The main job on one machine: fetch the models if missing, then generate with speculation.
+GRPC_ADDR ?= 127.0.0.1:50051
+HTTP_ADDR ?= 127.0.0.1:8080
+
+# The main job on one machine: fetch the models if missing, then serve a whole cluster (router, drafter
+# worker, target worker, embedded coordination store) until Ctrl-C.
 run: models build
+	$(SPECD) up --model-preset qwen --grpc-addr $(GRPC_ADDR) --http-addr $(HTTP_ADDR)
+
+# One prompt through the single-process engine, text to stdout.
+generate: models build
 	$(SPECD) generate --model-preset qwen --drafter auto --prompt "$(PROMPT)" --max-new-tokens 256
 
 # Everything CI runs: hermetic tests, then the real-model tests (models fetched, sha256-checked).
@@ -33,6 +41,9 @@ test-fast: setup
 
 bench: models build
 	$(SPECD) bench --model-preset qwen
+
+bench-cluster: models build
+	$(SPECD) bench-cluster --model-preset qwen --drafters none,auto
 
 lint:
 	$(CARGO) fmt --all -- --check
