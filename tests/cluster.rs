@@ -665,6 +665,13 @@ async fn bad_requests_overload_and_sigterm_drain() {
         .await
         .expect_err("unknown model");
     assert_eq!(err.code(), Code::NotFound);
+    let err = generate_invalid_utf8(&c.grpc).await;
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains("GenerateRequest.input") && err.message().contains("UTF-8"),
+        "names the field: {}",
+        err.message()
+    );
 
     // Overload: one slot, no queue.
     let (tx, mut rx) = tokio::sync::mpsc::channel(1);
@@ -703,6 +710,35 @@ async fn bad_requests_overload_and_sigterm_drain() {
     assert_eq!(ids, reference(&model, PROMPTS[0], 200));
     let code = c.router.as_mut().expect("router").wait_exit(WAIT);
     assert_eq!(code, Some(0), "router exits cleanly after draining");
+}
+
+/// `GenerateRequest` with its `prompt` field (a proto `string`) carrying bytes that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGenerateRequest {
+    #[prost(bytes = "vec", tag = "2")]
+    prompt: Vec<u8>,
+    #[prost(uint32, tag = "10")]
+    max_new_tokens: u32,
+}
+
+async fn generate_invalid_utf8(addr: &str) -> tonic::Status {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec =
+        tonic_prost::ProstCodec::<RawGenerateRequest, specd_proto::v1::GenerateResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/specd.v1.Generation/Generate");
+    let req = tonic::Request::new(RawGenerateRequest {
+        prompt: vec![b'h', 0xff, 0xfe, b'i'],
+        max_new_tokens: 4,
+    });
+    grpc.unary(req, path, codec)
+        .await
+        .expect_err("invalid UTF-8 is refused")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

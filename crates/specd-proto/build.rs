@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .build_client(true)
         .build_server(true)
         .file_descriptor_set_path(out_dir.join("specd_descriptor.bin"))
+        .codec_path("crate::codec::SpecdCodec")
         .compile_protos(&protos, &[proto_root])?;
     Ok(())
 }

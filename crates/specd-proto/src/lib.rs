@@ -9,9 +9,13 @@
 //! - [`internal::v1`] (`specd.internal.v1`): router to worker streams (services `Drafter` and `Target`)
 //!   and the trainer (service `Trainer`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of all of the above, for gRPC server reflection.
+//! - [`codec::SpecdCodec`]: prost encoding, with undecodable messages (such as invalid UTF-8 in a
+//!   string field) answered INVALID_ARGUMENT naming the field instead of tonic's INTERNAL.
 //!
 //! Each service `Foo` generates a client `foo_client::FooClient` and a server `foo_server::FooServer`
 //! with its trait `foo_server::Foo`.
+
+pub mod codec;
 
 /// The public API (`specd.v1`), served by the router.
 pub mod v1 {
