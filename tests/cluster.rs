@@ -24,12 +24,18 @@ use std::time::{Duration, Instant};
 
 use specd_coord::testing::{etcd_or_skip, EtcdServer};
 use specd_engine::{load_gguf, Family, GenerateOptions, Generator, LoadedModel};
+use specd_proto::internal::v1::target_client::TargetClient;
+use specd_proto::internal::v1::InfoRequest;
 use specd_proto::v1::generate_request::Input;
 use specd_proto::v1::generation_client::GenerationClient;
 use specd_proto::v1::{FinishReason, GenerateRequest, ListModelsRequest};
 use specd_tests::{model_file, specd_bin, temp_dir, tiny_spec, write_tiny, SMOLLM_FILE};
 use tonic::transport::Channel;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::{v1 as reflection_v1, v1alpha};
 
 /// Longest any single wait in these tests may take before they fail instead of hanging.
 const WAIT: Duration = Duration::from_secs(60);
@@ -373,6 +379,124 @@ async fn cluster_greedy_equals_plain_decoding_smollm() {
         assert_eq!(got.token_ids, want, "self-drafter with k = {k}");
         assert!(got.speculation.expect("stats").drafted > 0);
     }
+    // Sampling with a seed is repeatable through the cluster, with or without a drafter.
+    for drafter in ["none", "self", "ngram"] {
+        let sampled = |seed| GenerateRequest {
+            temperature: Some(0.9),
+            seed: Some(seed),
+            ..request(PROMPTS[1], 32, drafter)
+        };
+        let a = client.generate(sampled(7)).await.expect("a").into_inner();
+        let b = client.generate(sampled(7)).await.expect("b").into_inner();
+        assert_eq!(
+            a.token_ids, b.token_ids,
+            "{drafter}: same seed, same output"
+        );
+        let mut differs = false;
+        for seed in [8, 9, 10] {
+            let c = client
+                .generate(sampled(seed))
+                .await
+                .expect("c")
+                .into_inner();
+            differs |= c.token_ids != a.token_ids;
+        }
+        assert!(differs, "{drafter}: other seeds sample other outputs");
+    }
+}
+
+/// Under sampling, the first token through the cluster (drafted by the self-drafter, decided by the
+/// target's rejection rule) follows the target's distribution and not the drafter's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_through_the_cluster_follows_the_target_distribution() {
+    let Some((sel, model)) = smollm() else { return };
+    let Some(c) = Cluster::start(sel, &[]).await else {
+        return;
+    };
+    let prompt = PROMPTS[1];
+    let params = specd_core::SamplingParams {
+        temperature: 1.0,
+        top_k: 6,
+        top_p: 1.0,
+        seed: None,
+    };
+    let ids = model.tokenizer.encode(prompt, false).expect("encode");
+    let dist_of = |m: &specd_engine::Model| {
+        let logits = m
+            .forward(&mut m.new_cache(), &ids, specd_engine::LogitsWanted::Last)
+            .expect("forward");
+        specd_core::SparseDist::from_logits(&logits, &params).expect("dist")
+    };
+    let p = dist_of(&model.model);
+    let layers = specd_engine::preset::default_self_layers(model.model.config().layers);
+    let q = dist_of(&model.model.truncated(layers).expect("self-drafter"));
+    // Bins: the target's support, then everything else (expected 0).
+    let mut support: Vec<u32> = p.ids().to_vec();
+    for &id in q.ids() {
+        if !support.contains(&id) {
+            support.push(id);
+        }
+    }
+    let n = 400u64;
+    let mut counts = vec![0u64; support.len() + 1];
+    let client = c.client().await;
+    let mut pending = tokio::task::JoinSet::new();
+    for seed in 0..n {
+        let mut client = client.clone();
+        pending.spawn(async move {
+            let req = GenerateRequest {
+                temperature: Some(1.0),
+                top_k: Some(6),
+                seed: Some(1000 + seed),
+                draft_len: Some(1),
+                ..request(prompt, 2, "self")
+            };
+            client.generate(req).await
+        });
+        while pending.len() >= 8 {
+            tally(&mut pending, &support, &mut counts).await;
+        }
+    }
+    while !pending.is_empty() {
+        tally(&mut pending, &support, &mut counts).await;
+    }
+    let expected = |d: &specd_core::SparseDist| -> Vec<f64> {
+        let mut e: Vec<f64> = support.iter().map(|&id| f64::from(d.prob(id))).collect();
+        e.push(0.0);
+        e
+    };
+    let fit = specd_core::chi_square_test(&counts, &expected(&p));
+    assert!(
+        fit.p_value > 1e-4,
+        "first tokens do not follow the target: {fit:?}, counts {counts:?} over {support:?}"
+    );
+    let wrong = specd_core::chi_square_test(&counts, &expected(&q));
+    assert!(
+        wrong.p_value < 1e-3,
+        "the test cannot tell the drafter's distribution apart: {wrong:?}"
+    );
+}
+
+async fn tally(
+    pending: &mut tokio::task::JoinSet<
+        Result<tonic::Response<specd_proto::v1::GenerateResponse>, tonic::Status>,
+    >,
+    support: &[u32],
+    counts: &mut [u64],
+) {
+    let r = pending.join_next().await.expect("a task").expect("join");
+    let r = r.expect("sampled request").into_inner();
+    let first = r.token_ids[0];
+    let bin = support
+        .iter()
+        .position(|&id| id == first)
+        .unwrap_or(support.len());
+    counts[bin] += 1;
+    let spec = r.speculation.expect("stats");
+    assert!(
+        spec.drafted >= 1,
+        "the first token was drafted and verified"
+    );
 }
 
 /// Streams a request to its end; the token ids and the finish reason.
@@ -710,6 +834,164 @@ async fn bad_requests_overload_and_sigterm_drain() {
     assert_eq!(ids, reference(&model, PROMPTS[0], 200));
     let code = c.router.as_mut().expect("router").wait_exit(WAIT);
     assert_eq!(code, Some(0), "router exits cleanly after draining");
+}
+
+/// The target workers registered right now, with their addresses.
+async fn target_addresses(c: &Cluster) -> Vec<String> {
+    let store = c.etcd.store().await;
+    let (records, _) = store
+        .list_records::<specd_coord::InstanceRecord>(&specd_coord::keys::instances_of(
+            specd_coord::Role::Target,
+        ))
+        .await
+        .expect("list");
+    records.into_iter().map(|r| r.address).collect()
+}
+
+/// Waits until every target reports no open sequence.
+async fn wait_targets_idle(c: &Cluster, what: &str) {
+    let end = Instant::now() + Duration::from_secs(10);
+    for addr in target_addresses(c).await {
+        let mut target = TargetClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        loop {
+            let info = target
+                .info(InfoRequest {})
+                .await
+                .expect("info")
+                .into_inner();
+            if info.active_sequences == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: target still holds {} sequences",
+                info.active_sequences
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_disconnects_health_and_reflection() {
+    let Some((sel, _)) = smollm() else { return };
+    let Some(c) = Cluster::start(sel, &[]).await else {
+        return;
+    };
+    let channel = Channel::from_shared(format!("http://{}", c.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+
+    // gRPC health, overall and per service.
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "specd.v1.Generation"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            ServingStatus::Serving as i32,
+            "health of {service:?}"
+        );
+    }
+
+    // Reflection, in the v1alpha dialect grpcurl and ghz speak, and in v1.
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut answers = alpha
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .expect("reflection v1alpha")
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one answer");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answer.message_response
+    else {
+        panic!("unexpected reflection answer: {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "specd.v1.Generation"),
+        "{names:?}"
+    );
+    let mut v1 =
+        reflection_v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = reflection_v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            reflection_v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "specd.v1.Generation".into(),
+            ),
+        ),
+    };
+    let mut answers = v1
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    assert!(matches!(
+        answers
+            .message()
+            .await
+            .expect("answer")
+            .expect("one")
+            .message_response,
+        Some(reflection_v1::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+
+    // The client's deadline bounds the request, and the workers' sequences are freed.
+    let mut client = GenerationClient::new(channel.clone());
+    let mut req = tonic::Request::new(request(PROMPTS[1], 4000, "self"));
+    req.set_timeout(Duration::from_millis(400));
+    let t0 = Instant::now();
+    let err = client.generate(req).await.expect_err("deadline");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    wait_targets_idle(&c, "after a deadline").await;
+
+    // A client that walks away from a stream frees the worker-side sequences.
+    let mut stream = client
+        .generate_stream(request(PROMPTS[0], 4000, "ngram"))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut got = 0;
+    while got < 5 {
+        got += stream
+            .message()
+            .await
+            .expect("message")
+            .expect("more")
+            .token_ids
+            .len();
+    }
+    drop(stream);
+    wait_targets_idle(&c, "after a disconnect").await;
 }
 
 /// `GenerateRequest` with its `prompt` field (a proto `string`) carrying bytes that are not UTF-8.

@@ -159,3 +159,44 @@ pub fn trace_id(span: &tracing::Span) -> String {
     use opentelemetry::trace::TraceContextExt;
     span.context().span().span_context().trace_id().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_context_travels_through_grpc_metadata() {
+        init(&TelemetryConfig {
+            service: "test".into(),
+            log_format: LogFormat::Text,
+            otlp_endpoint: None,
+        })
+        .expect("init");
+        let caller = tracing::info_span!("router.step");
+        let mut metadata = MetadataMap::new();
+        caller.in_scope(|| inject(&mut metadata));
+        let header = metadata
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .expect("traceparent header")
+            .to_string();
+        let caller_trace = trace_id(&caller);
+        assert_ne!(caller_trace, "00000000000000000000000000000000");
+        assert!(
+            header.contains(&caller_trace),
+            "{header} carries {caller_trace}"
+        );
+
+        let callee = tracing::info_span!("target.verify");
+        extract(&metadata, &callee);
+        assert_eq!(
+            trace_id(&callee),
+            caller_trace,
+            "the worker's span joins the router's trace"
+        );
+
+        let unrelated = tracing::info_span!("other");
+        extract(&MetadataMap::new(), &unrelated);
+        assert_ne!(trace_id(&unrelated), caller_trace);
+    }
+}

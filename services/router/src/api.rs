@@ -115,7 +115,7 @@ impl Generation for GenerationService {
         specd_service::telemetry::extract(request.metadata(), &span);
         let router = Arc::clone(&self.router);
         async move {
-            let prepared = router.prepare(api_request(request.into_inner()))?;
+            let prepared = router.prepare(api_request(request.into_inner()), "grpc")?;
             tracing::Span::current().record("request_id", prepared.gen.request_id.as_str());
             let c = router.execute(prepared, deadline, None, "grpc").await?;
             let (usage, speculation, timings) = summary(&c);
@@ -143,7 +143,9 @@ impl Generation for GenerationService {
         let deadline = deadline_of(request.metadata());
         let span = tracing::info_span!("generate_stream", request_id = tracing::field::Empty);
         specd_service::telemetry::extract(request.metadata(), &span);
-        let prepared = self.router.prepare(api_request(request.into_inner()))?;
+        let prepared = self
+            .router
+            .prepare(api_request(request.into_inner()), "grpc")?;
         span.record("request_id", prepared.gen.request_id.as_str());
         let request_id = prepared.gen.request_id.clone();
         let (out_tx, out_rx) = mpsc::unbounded_channel();

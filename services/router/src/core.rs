@@ -199,8 +199,12 @@ impl Router {
     }
 
     /// Validates and tokenizes; every refusal is INVALID_ARGUMENT naming the field (NOT_FOUND for an
-    /// unknown model).
-    pub fn prepare(&self, r: ApiRequest) -> Result<Prepared, Status> {
+    /// unknown model), counted in `specd_request_errors_total` under `api`.
+    pub fn prepare(&self, r: ApiRequest, api: &'static str) -> Result<Prepared, Status> {
+        self.prepare_inner(r).inspect_err(|s| count_error(api, s))
+    }
+
+    fn prepare_inner(&self, r: ApiRequest) -> Result<Prepared, Status> {
         let received = Instant::now();
         if !self.model.matches(&r.model) {
             return Err(Status::not_found(format!(
@@ -346,16 +350,9 @@ impl Router {
         deltas: Option<mpsc::UnboundedSender<Delta>>,
         api: &'static str,
     ) -> Result<Completed, Status> {
-        let result = self.execute_inner(&mut p, deadline, deltas).await;
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
-        };
-        if code != tonic::Code::Ok {
-            metrics::counter!("specd_request_errors_total", "api" => api, "code" => code_name(code))
-                .increment(1);
-        }
-        result
+        self.execute_inner(&mut p, deadline, deltas)
+            .await
+            .inspect_err(|s| count_error(api, s))
     }
 
     async fn execute_inner(
@@ -452,6 +449,12 @@ impl Router {
             },
         })
     }
+}
+
+/// Counts a failed request by front end and status code.
+pub fn count_error(api: &'static str, s: &Status) {
+    metrics::counter!("specd_request_errors_total", "api" => api, "code" => code_name(s.code()))
+        .increment(1);
 }
 
 struct Decrement(&'static str);

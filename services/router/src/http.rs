@@ -192,7 +192,9 @@ struct ChatBody {
 }
 
 fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
-    ApiError(Status::invalid_argument(format!("{field}: {msg}")))
+    let s = Status::invalid_argument(format!("{field}: {msg}"));
+    crate::core::count_error("http", &s);
+    ApiError(s)
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
@@ -373,7 +375,7 @@ async fn run(
         .stream_options
         .as_ref()
         .is_some_and(|o| o.include_usage);
-    let prepared = router.prepare(common.into_request(input))?;
+    let prepared = router.prepare(common.into_request(input), "http")?;
     let id = format!(
         "{}-{}",
         if kind == Kind::Chat {

@@ -159,14 +159,14 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
                         single.generate(&ids, &GenerateOptions::new(4, params.clone()), |_| true)?;
                         let mut warm = api(text, drafter, 4);
                         warm.max_new_tokens = 4;
-                        let p = router.prepare(warm).map_err(|s| anyhow::anyhow!("{s}"))?;
+                        let p = router.prepare(warm, "bench").map_err(|s| anyhow::anyhow!("{s}"))?;
                         router.execute(p, None, None, "bench").await.map_err(|s| anyhow::anyhow!("{s}"))?;
                     }
                     let (s_out, stats) = single.generate(&ids, &opts, |_| true)?;
                     s_tok += stats.generated.saturating_sub(1);
                     s_ms += stats.decode_ms;
                     let p = router
-                        .prepare(api(text, drafter, args.max_new_tokens as u32))
+                        .prepare(api(text, drafter, args.max_new_tokens as u32), "bench")
                         .map_err(|s| anyhow::anyhow!("{s}"))?;
                     anyhow::ensure!(p.gen.prompt_ids == ids, "router and engine tokenize differently");
                     let c = router

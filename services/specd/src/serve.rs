@@ -446,6 +446,7 @@ pub(crate) async fn start_router(
     tracing::info!(grpc = %grpc_addr, http = %http_addr, "router serving");
     let drain_deadline = Duration::from_secs(args.drain_secs);
     let load_router = Arc::clone(&router);
+    let store = store.clone();
     let router_out = Arc::clone(&router);
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -454,9 +455,20 @@ pub(crate) async fn start_router(
             tokio::select! {
                 _ = shutdown.wait() => break,
                 _ = tick.tick() => {
-                    let now = (load_router.admission.running() + load_router.admission.waiting()) as u32;
+                    let (running, waiting) = (load_router.admission.running(), load_router.admission.waiting());
+                    let now = (running + waiting) as u32;
                     if now != last && registration.update(now).await.is_ok() {
                         last = now;
+                    }
+                    // The cluster load the trainer reads to decide whether capacity is idle.
+                    let report = specd_coord::LoadReport {
+                        router: id.clone(),
+                        in_flight: running as u32,
+                        queue: waiting as u32,
+                        at: specd_coord::records::now_unix_ms(),
+                    };
+                    if let Err(e) = store.put_record(&report, registration.lease()).await {
+                        tracing::debug!(error = %e, "load report not written");
                     }
                 }
             }
