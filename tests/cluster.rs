@@ -547,10 +547,8 @@ async fn killing_the_drafter_mid_stream_costs_no_request() {
             Some(tx.clone()),
         )));
     }
-    // Once tokens flow, the drafter dies.
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("tokens started");
+    // Once tokens flow on every stream, the drafter dies.
+    all_started(&mut rx, tasks.len()).await;
     c.drafters[0].kill();
     for (i, t) in tasks.into_iter().enumerate() {
         let (ids, finish) = tokio::time::timeout(WAIT, t)
@@ -581,6 +579,46 @@ async fn killing_the_drafter_mid_stream_costs_no_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_drafter_is_dropped_within_its_timeout() {
+    let Some((sel, model)) = smollm() else { return };
+    let Some(c) = Cluster::start(sel, &["--drafter-timeout-ms", "300"]).await else {
+        return;
+    };
+    let max_new = 96;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let mut tasks = Vec::new();
+    for prompt in PROMPTS {
+        tasks.push(tokio::spawn(stream_all(
+            c.client().await,
+            request(prompt, max_new, "self"),
+            Some(tx.clone()),
+        )));
+    }
+    all_started(&mut rx, tasks.len()).await;
+    // Frozen, not dead: its connections stay open and it never answers.
+    c.drafters[0].signal("-STOP");
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (ids, _) = tokio::time::timeout(WAIT, t)
+            .await
+            .expect("no hang")
+            .expect("join")
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", c.logs()));
+        assert_eq!(
+            ids,
+            reference(&model, PROMPTS[i], max_new as usize),
+            "request {i}"
+        );
+    }
+    c.drafters[0].signal("-CONT");
+    let log = c.router_log();
+    assert!(
+        log.contains("drafter failed") && log.contains("no answer within 300 ms"),
+        "the router timed the drafter out:\n{}",
+        c.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
     let Some((sel, model)) = smollm() else { return };
     let Some(mut c) = Cluster::start(sel, &[]).await else {
@@ -589,7 +627,7 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
     c.start_target();
     let end = Instant::now() + WAIT;
     // Wait until the router sees both targets: two concurrent requests land on different targets.
-    while specd_coord_targets(&c).await < 2 {
+    while router_health(&c.http)["targets"] != 2 {
         assert!(Instant::now() < end, "second target never registered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -603,9 +641,7 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
             Some(tx.clone()),
         )));
     }
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("tokens started");
+    all_started(&mut rx, tasks.len()).await;
     c.targets[0].kill();
     for (i, t) in tasks.into_iter().enumerate() {
         let (ids, _) = tokio::time::timeout(WAIT, t)
@@ -635,16 +671,26 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
     assert!(t0.elapsed() < Duration::from_secs(10), "answered promptly");
 }
 
-/// Targets registered in etcd right now.
-async fn specd_coord_targets(c: &Cluster) -> usize {
-    let store = c.etcd.store().await;
-    let (records, _) = store
-        .list_records::<specd_coord::InstanceRecord>(&specd_coord::keys::instances_of(
-            specd_coord::Role::Target,
-        ))
-        .await
-        .expect("list");
-    records.len()
+/// Waits until `n` streams have received tokens (so every one of them is placed and decoding).
+async fn all_started(rx: &mut tokio::sync::mpsc::Receiver<()>, n: usize) {
+    for _ in 0..n {
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("tokens started")
+            .expect("sender alive");
+    }
+}
+
+/// The router's `/health` JSON (its own view of the workers).
+fn router_health(http: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(http).expect("connect");
+    conn.write_all(b"GET /health HTTP/1.0\r\nHost: specd\r\n\r\n")
+        .expect("write");
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).expect("read");
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1082,6 +1128,11 @@ async fn openai_python_client_against_the_http_api() {
     assert_eq!(result["models"][0], serde_json::json!(model_id(&model)));
     assert_eq!(result["bad_status"], 400);
     assert_eq!(result["usage_completion_tokens"], 24);
+    assert_eq!(
+        result["metrics_missing"],
+        serde_json::json!([]),
+        "Prometheus metrics missing from /metrics"
+    );
 }
 
 fn model_id(model: &LoadedModel) -> String {
