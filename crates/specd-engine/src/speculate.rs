@@ -339,7 +339,7 @@ fn sample_one(
 }
 
 /// The `n` highest logits' ids, best first (ties to the lower id).
-fn top_ids(logits: &[f32], n: usize) -> Vec<u32> {
+pub fn top_ids(logits: &[f32], n: usize) -> Vec<u32> {
     let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
     for (i, &v) in logits.iter().enumerate() {
         if best.len() < n || v > best[best.len() - 1].0 {

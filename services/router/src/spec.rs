@@ -20,7 +20,7 @@ use specd_proto::internal::v1 as pb;
 use tonic::Status;
 
 use crate::conn::{ConnError, DrafterConn, TargetConn};
-use crate::pool::{Pool, Want};
+use crate::pool::{Lease, Pool, Want};
 
 /// Knobs of the loop.
 #[derive(Clone, Debug)]
@@ -155,36 +155,15 @@ pub async fn run(
         drafter: "none".into(),
         ..SpecStats::default()
     };
-    let mut failed_targets: Vec<String> = Vec::new();
-    let mut target_opens = 0u64;
-    let mut target = open_target(
-        pool,
-        fingerprint,
-        cfg,
-        req,
-        &history,
-        &mut failed_targets,
-        &mut target_opens,
-    )
-    .await?;
+    let mut targets = Attempts::new(Role::Target, cfg.max_target_attempts);
+    let mut target = open_target(pool, fingerprint, cfg, req, &history, &mut targets).await?;
 
     let kind = req.drafter.clone();
-    let mut failed_drafters: Vec<String> = Vec::new();
-    let mut drafter_opens = 0u64;
+    let mut drafters = Attempts::new(Role::Drafter, cfg.max_drafter_attempts);
     let mut drafter = if kind == "none" {
         None
     } else {
-        open_drafter(
-            pool,
-            fingerprint,
-            cfg,
-            req,
-            &kind,
-            &history,
-            &mut failed_drafters,
-            &mut drafter_opens,
-        )
-        .await
+        open_drafter(pool, fingerprint, cfg, req, &kind, &history, &mut drafters).await
     };
     if drafter.is_some() {
         stats.drafter = kind.clone();
@@ -253,27 +232,11 @@ pub async fn run(
                 }
                 Err(e) => {
                     let id = d.lease.worker.id().to_string();
-                    tracing::warn!(request_id = %req.request_id, drafter = %id, error = %e.message(), "drafter failed; going on without it");
-                    if matches!(e, ConnError::Failed(_)) {
-                        pool.eject(&id);
-                    }
-                    metrics::counter!("specd_fallbacks_total", "role" => "drafter").increment(1);
+                    drafters.failed(pool, req, id, &e, "drafter failed; going on without it");
                     stats.drafter_failovers += 1;
-                    failed_drafters.push(id);
-                    drafter = None;
-                    if (failed_drafters.len()) < cfg.max_drafter_attempts {
-                        drafter = open_drafter(
-                            pool,
-                            fingerprint,
-                            cfg,
-                            req,
-                            &kind,
-                            &history,
-                            &mut failed_drafters,
-                            &mut drafter_opens,
-                        )
-                        .await;
-                    }
+                    drafter =
+                        open_drafter(pool, fingerprint, cfg, req, &kind, &history, &mut drafters)
+                            .await;
                     if drafter.is_none() {
                         stats.drafter = "none".into();
                     }
@@ -290,23 +253,10 @@ pub async fn run(
                 Err(ConnError::Invalid(s)) => return Err(s),
                 Err(e) => {
                     let id = target.lease.worker.id().to_string();
-                    tracing::warn!(request_id = %req.request_id, target = %id, error = %e.message(), "target failed; re-prefilling on another");
-                    if matches!(e, ConnError::Failed(_)) {
-                        pool.eject(&id);
-                    }
-                    metrics::counter!("specd_fallbacks_total", "role" => "target").increment(1);
+                    targets.failed(pool, req, id, &e, "target failed; re-prefilling on another");
                     stats.target_failovers += 1;
-                    failed_targets.push(id);
-                    target = open_target(
-                        pool,
-                        fingerprint,
-                        cfg,
-                        req,
-                        &history,
-                        &mut failed_targets,
-                        &mut target_opens,
-                    )
-                    .await?;
+                    target =
+                        open_target(pool, fingerprint, cfg, req, &history, &mut targets).await?;
                 }
             }
         };
@@ -359,66 +309,107 @@ pub async fn run(
     Ok((out, finish, stats))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The workers of one role a request has tried: the ones that failed (not tried again) and how many
+/// sequences were opened (each gets its own derived seed).
+struct Attempts {
+    role: Role,
+    failed: Vec<String>,
+    opens: u64,
+    max: usize,
+}
+
+impl Attempts {
+    fn new(role: Role, max: usize) -> Self {
+        Self {
+            role,
+            failed: Vec::new(),
+            opens: 0,
+            max,
+        }
+    }
+
+    /// Records a failed worker: logged, ejected from placement if it failed (not if it was busy),
+    /// counted, never tried again by this request.
+    fn failed(&mut self, pool: &Pool, req: &GenRequest, id: String, e: &ConnError, what: &str) {
+        tracing::warn!(request_id = %req.request_id, role = %self.role, worker = %id, error = %e.message(), "{what}");
+        if matches!(e, ConnError::Failed(_)) {
+            pool.eject(&id);
+        }
+        metrics::counter!("specd_fallbacks_total", "role" => self.role.as_str()).increment(1);
+        self.failed.push(id);
+    }
+
+    /// Opens a sequence on the best worker that matches, trying the next one when it fails; `None`
+    /// when no worker is left (or the attempts are used up), an error when the request itself is
+    /// invalid.
+    async fn open<C, F, Fut>(
+        &mut self,
+        pool: &Pool,
+        req: &GenRequest,
+        fingerprint: &str,
+        kind: Option<&str>,
+        mut open: F,
+    ) -> Result<Option<C>, Status>
+    where
+        F: FnMut(Lease, SamplingParams) -> Fut,
+        Fut: std::future::Future<Output = Result<C, ConnError>>,
+    {
+        while self.failed.len() < self.max {
+            let want = Want {
+                fingerprint,
+                kind,
+                session: req.session.as_deref(),
+                exclude: &self.failed,
+            };
+            let Some(lease) = pool.place(self.role, &want) else {
+                return Ok(None);
+            };
+            let id = lease.worker.id().to_string();
+            let params = attempt_seed(&req.params, self.opens);
+            self.opens += 1;
+            match open(lease, params).await {
+                Ok(c) => return Ok(Some(c)),
+                Err(ConnError::Invalid(s)) => return Err(s),
+                Err(e) => self.failed(pool, req, id, &e, "worker refused or failed to open"),
+            }
+        }
+        Ok(None)
+    }
+}
+
 async fn open_target(
     pool: &Pool,
     fingerprint: &str,
     cfg: &SpecConfig,
     req: &GenRequest,
     history: &[u32],
-    failed: &mut Vec<String>,
-    opens: &mut u64,
+    attempts: &mut Attempts,
 ) -> Result<TargetConn, Status> {
-    loop {
-        if failed.len() >= cfg.max_target_attempts {
-            return Err(Status::unavailable(format!(
-                "no target worker could serve the request (tried {})",
-                failed.join(", ")
-            )));
-        }
-        let want = Want {
-            fingerprint,
-            kind: None,
-            session: req.session.as_deref(),
-            exclude: failed,
-        };
-        let Some(lease) = pool.place(Role::Target, &want) else {
-            return Err(Status::unavailable(if failed.is_empty() {
-                "no target worker is available for this model".to_string()
-            } else {
-                format!(
-                    "no target worker left after failures of {}",
-                    failed.join(", ")
-                )
-            }));
-        };
-        let id = lease.worker.id().to_string();
-        let params = attempt_seed(&req.params, *opens);
-        *opens += 1;
-        match TargetConn::open(
-            lease,
-            &req.request_id,
-            history,
-            &params,
-            cfg.target_timeout,
-            req.deadline,
-        )
-        .await
-        {
-            Ok(c) => return Ok(c),
-            Err(ConnError::Invalid(s)) => return Err(s),
-            Err(e) => {
-                tracing::warn!(request_id = %req.request_id, target = %id, error = %e.message(), "target refused or failed to open");
-                if matches!(e, ConnError::Failed(_)) {
-                    pool.eject(&id);
-                }
-                failed.push(id);
-            }
-        }
-    }
+    let opened = attempts
+        .open(pool, req, fingerprint, None, |lease, params| async move {
+            TargetConn::open(
+                lease,
+                &req.request_id,
+                history,
+                &params,
+                cfg.target_timeout,
+                req.deadline,
+            )
+            .await
+        })
+        .await?;
+    opened.ok_or_else(|| {
+        Status::unavailable(if attempts.failed.is_empty() {
+            "no target worker is available for this model".to_string()
+        } else {
+            format!(
+                "no target worker left after failures of {}",
+                attempts.failed.join(", ")
+            )
+        })
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn open_drafter(
     pool: &Pool,
     fingerprint: &str,
@@ -426,41 +417,29 @@ async fn open_drafter(
     req: &GenRequest,
     kind: &str,
     history: &[u32],
-    failed: &mut Vec<String>,
-    opens: &mut u64,
+    attempts: &mut Attempts,
 ) -> Option<DrafterConn> {
-    while failed.len() < cfg.max_drafter_attempts {
-        let want = Want {
+    let opened = attempts
+        .open(
+            pool,
+            req,
             fingerprint,
-            kind: Some(kind),
-            session: req.session.as_deref(),
-            exclude: failed,
-        };
-        let lease = pool.place(Role::Drafter, &want)?;
-        let id = lease.worker.id().to_string();
-        let params = attempt_seed(&req.params, *opens);
-        *opens += 1;
-        match DrafterConn::open(
-            lease,
-            kind,
-            &req.request_id,
-            history,
-            &params,
-            cfg.drafter_timeout,
-            cfg.drafter_open_timeout,
-            req.deadline,
+            Some(kind),
+            |lease, params| async move {
+                DrafterConn::open(
+                    lease,
+                    kind,
+                    &req.request_id,
+                    history,
+                    &params,
+                    cfg.drafter_timeout,
+                    cfg.drafter_open_timeout,
+                    req.deadline,
+                )
+                .await
+            },
         )
-        .await
-        {
-            Ok(c) => return Some(c),
-            Err(e) => {
-                tracing::warn!(request_id = %req.request_id, drafter = %id, error = %e.message(), "drafter failed to open");
-                if matches!(e, ConnError::Failed(_)) {
-                    pool.eject(&id);
-                }
-                failed.push(id);
-            }
-        }
-    }
-    None
+        .await;
+    // A drafter is an optimisation: whatever went wrong, decoding goes on without one.
+    opened.ok().flatten()
 }

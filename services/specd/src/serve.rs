@@ -505,124 +505,178 @@ async fn wait(task: tokio::task::JoinHandle<anyhow::Result<()>>) -> anyhow::Resu
     task.await.context("service task panicked")?
 }
 
-pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
-    init_threads(args.model.threads)?;
+/// What every role's process does around its own start-up: the kernel thread pool, the runtime, logs and
+/// traces, metrics, the coordination store, signal handling (and the workers' `/metrics` endpoint), then
+/// the role's `body` until it has drained; spans are flushed at the end.
+fn run_role<F, Fut>(
+    service: &str,
+    threads: Option<usize>,
+    args: &ServiceArgs,
+    metrics_addr: Option<SocketAddr>,
+    allow_memory: bool,
+    body: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(Store, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_threads(threads)?;
     let rt = runtime()?;
     rt.block_on(async {
-        telemetry("specd-target", &args.service)?;
-        let store = store(&args.service, false).await?;
-        let (_, path) = target_file(&args.model)?;
-        let target = load_gguf(&path)?;
+        telemetry(service, args)?;
+        let store = store(args, allow_memory).await?;
         let shutdown = Shutdown::on_signals();
-        if let Some(addr) = args.metrics_addr {
+        if let Some(addr) = metrics_addr {
             specd_service::metrics::serve_http(addr, shutdown.clone()).await?;
         }
-        let running = start_target(
-            &target,
-            &args.service,
-            args.grpc_addr,
-            args.capacity,
-            args.max_batch_tokens,
-            store,
-            shutdown,
-        )
-        .await?;
-        println!("target listening on {}", running.advertised);
-        wait(running.task).await
+        body(store, shutdown).await
     })?;
     specd_service::telemetry::shutdown();
     Ok(())
+}
+
+pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
+    let a = &args;
+    run_role(
+        "specd-target",
+        a.model.threads,
+        &a.service,
+        a.metrics_addr,
+        false,
+        |store, shutdown| async move {
+            let (_, path) = target_file(&a.model)?;
+            let target = load_gguf(&path)?;
+            let running = start_target(
+                &target,
+                &a.service,
+                a.grpc_addr,
+                a.capacity,
+                a.max_batch_tokens,
+                store,
+                shutdown,
+            )
+            .await?;
+            println!("target listening on {}", running.advertised);
+            wait(running.task).await
+        },
+    )
 }
 
 pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
-    init_threads(args.model.threads)?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        telemetry("specd-drafter", &args.service)?;
-        let store = store(&args.service, false).await?;
-        let (preset, path) = target_file(&args.model)?;
-        // The drafter needs the target's tokenizer, shape and (for `self`) its first layers.
-        let target = load_gguf(&path)?;
-        let (models, _) = drafter_models(&args.kinds, preset, &args.model, &target, false)?;
-        let id = identity(&target, instance_id(&args.service, Role::Drafter));
-        drop(target);
-        let shutdown = Shutdown::on_signals();
-        if let Some(addr) = args.metrics_addr {
-            specd_service::metrics::serve_http(addr, shutdown.clone()).await?;
-        }
-        let running = start_drafter(
-            models,
-            id,
-            &args.service,
-            args.grpc_addr,
-            args.capacity,
-            store,
-            shutdown,
-        )
-        .await?;
-        println!("drafter listening on {}", running.advertised);
-        wait(running.task).await
-    })?;
-    specd_service::telemetry::shutdown();
-    Ok(())
+    let a = &args;
+    run_role(
+        "specd-drafter",
+        a.model.threads,
+        &a.service,
+        a.metrics_addr,
+        false,
+        |store, shutdown| async move {
+            let (preset, path) = target_file(&a.model)?;
+            // The drafter needs the target's tokenizer, shape and (for `self`) its first layers.
+            let target = load_gguf(&path)?;
+            let (models, _) = drafter_models(&a.kinds, preset, &a.model, &target, false)?;
+            let id = identity(&target, instance_id(&a.service, Role::Drafter));
+            drop(target);
+            let running = start_drafter(
+                models,
+                id,
+                &a.service,
+                a.grpc_addr,
+                a.capacity,
+                store,
+                shutdown,
+            )
+            .await?;
+            println!("drafter listening on {}", running.advertised);
+            wait(running.task).await
+        },
+    )
 }
 
 pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
-    let rt = runtime()?;
-    rt.block_on(async {
-        telemetry("specd-router", &args.service)?;
-        let store = store(&args.service, false).await?;
-        let shutdown = Shutdown::on_signals();
-        let running =
-            start_router(&args.model, &args.service, &args.router, store, shutdown).await?;
-        println!(
-            "router grpc {} http {}",
-            running.grpc_addr, running.http_addr
-        );
-        wait(running.task).await
-    })?;
-    specd_service::telemetry::shutdown();
-    Ok(())
+    let a = &args;
+    run_role(
+        "specd-router",
+        None,
+        &a.service,
+        None,
+        false,
+        |store, shutdown| async move {
+            let running = start_router(&a.model, &a.service, &a.router, store, shutdown).await?;
+            println!(
+                "router grpc {} http {}",
+                running.grpc_addr, running.http_addr
+            );
+            wait(running.task).await
+        },
+    )
 }
 
 pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
-    init_threads(args.model.threads)?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        telemetry("specd", &args.service)?;
-        let store = store(&args.service, true).await?;
-        let (preset, path) = target_file(&args.model)?;
-        let target = load_gguf(&path)?;
-        let (models, kinds) = drafter_models(&args.drafter_kinds, preset, &args.model, &target, true)?;
-        let shutdown = Shutdown::on_signals();
-        let loopback: SocketAddr = "127.0.0.1:0".parse()?;
-        let mut svc_args = args.service.clone();
-        svc_args.instance_id = None;
-        svc_args.advertise_addr = None;
-        let t = start_target(
-            &target,
-            &svc_args,
-            loopback,
-            args.capacity,
-            DEFAULT_MAX_BATCH_TOKENS,
-            store.clone(),
-            shutdown.child(),
-        )
-        .await?;
-        let id = identity(&target, instance_id(&svc_args, Role::Drafter));
-        let d = start_drafter(models, id, &svc_args, loopback, 64, store.clone(), shutdown.child()).await?;
-        let r = start_router(&args.model, &args.service, &args.router, store, shutdown.clone()).await?;
-        println!("specd up: model {} ({}), drafters {}", model_id(&path), preset.name(), kinds.join(", "));
-        println!("  gRPC    {}  (specd.v1.Generation, health, reflection)", r.grpc_addr);
-        println!("  HTTP    http://{}  (OpenAI /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health)", r.http_addr);
-        println!("  target  {}   drafter {}", t.advertised, d.advertised);
-        println!("Ctrl-C to stop.");
-        // The router drains first (in-flight requests need the workers), then the workers stop.
-        let routed = wait(r.task).await;
-        let _ = wait(d.task).await;
-        let _ = wait(t.task).await;
-        routed
-    })?;
-    specd_service::telemetry::shutdown();
-    Ok(())
+    let a = &args;
+    run_role(
+        "specd",
+        a.model.threads,
+        &a.service,
+        None,
+        true,
+        |store, shutdown| async move {
+            let args = a;
+            let (preset, path) = target_file(&args.model)?;
+            let target = load_gguf(&path)?;
+            let (models, kinds) =
+                drafter_models(&args.drafter_kinds, preset, &args.model, &target, true)?;
+            let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+            let mut svc_args = args.service.clone();
+            svc_args.instance_id = None;
+            svc_args.advertise_addr = None;
+            let t = start_target(
+                &target,
+                &svc_args,
+                loopback,
+                args.capacity,
+                DEFAULT_MAX_BATCH_TOKENS,
+                store.clone(),
+                shutdown.child(),
+            )
+            .await?;
+            let id = identity(&target, instance_id(&svc_args, Role::Drafter));
+            let d = start_drafter(
+                models,
+                id,
+                &svc_args,
+                loopback,
+                64,
+                store.clone(),
+                shutdown.child(),
+            )
+            .await?;
+            let r = start_router(
+                &args.model,
+                &args.service,
+                &args.router,
+                store,
+                shutdown.clone(),
+            )
+            .await?;
+            println!(
+                "specd up: model {} ({}), drafters {}",
+                model_id(&path),
+                preset.name(),
+                kinds.join(", ")
+            );
+            println!(
+                "  gRPC    {}  (specd.v1.Generation, health, reflection)",
+                r.grpc_addr
+            );
+            println!("  HTTP    http://{}  (OpenAI /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health)", r.http_addr);
+            println!("  target  {}   drafter {}", t.advertised, d.advertised);
+            println!("Ctrl-C to stop.");
+            // The router drains first (in-flight requests need the workers), then the workers stop.
+            let routed = wait(r.task).await;
+            let _ = wait(d.task).await;
+            let _ = wait(t.task).await;
+            routed
+        },
+    )
 }

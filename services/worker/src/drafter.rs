@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::convert;
 use crate::slots::Slots;
+use crate::stream::Duplex;
 use crate::WorkerIdentity;
 
 /// Most tokens one Propose may ask for.
@@ -172,42 +173,30 @@ impl DrafterService {
         })
     }
 
-    async fn serve_stream(
-        self,
-        mut inbound: Streaming<pb::DraftRequest>,
-        out: mpsc::Sender<Result<pb::DraftResponse, Status>>,
-    ) {
+    async fn serve_stream(self, mut io: Duplex<pb::DraftRequest, pb::DraftResponse>) {
         use pb::draft_request::Msg;
         use pb::draft_response::Msg as Out;
-        let first = tokio::select! {
-            m = inbound.message() => m,
-            _ = out.closed() => return,
-        };
-        let open = match first {
-            Ok(Some(pb::DraftRequest {
-                msg: Some(Msg::Open(open)),
-            })) => open,
-            Ok(Some(_)) => {
-                let _ = out
-                    .send(Err(Status::invalid_argument(
-                        "the first message on a Draft stream must be Open",
-                    )))
-                    .await;
-                return;
-            }
-            Ok(None) | Err(_) => return,
+        let wrap = |msg| pb::DraftResponse { msg: Some(msg) };
+        let Some(open) = io
+            .first("Draft", |r| match r.msg {
+                Some(Msg::Open(open)) => Some(open),
+                _ => None,
+            })
+            .await
+        else {
+            return;
         };
         let _slot = match self.inner.slots.admit() {
             Ok(s) => s,
             Err(s) => {
-                let _ = out.send(Err(s)).await;
+                io.answer(Err(s)).await;
                 return;
             }
         };
         let mut state = match self.open(open).await {
             Ok(s) => s,
             Err(s) => {
-                let _ = out.send(Err(s)).await;
+                io.answer(Err(s)).await;
                 return;
             }
         };
@@ -216,53 +205,32 @@ impl DrafterService {
             drafter_version: self.inner.identity.weights_version.clone(),
             feedback_width: state.drafter.feedback_width() as u32,
         };
-        if out
-            .send(Ok(pb::DraftResponse {
-                msg: Some(Out::Opened(opened)),
-            }))
-            .await
-            .is_err()
-        {
+        if !io.answer(Ok(wrap(Out::Opened(opened)))).await {
             return;
         }
-        loop {
-            let msg = tokio::select! {
-                m = inbound.message() => m,
-                _ = out.closed() => return,
-            };
-            let reply = match msg {
-                Ok(Some(pb::DraftRequest {
-                    msg: Some(Msg::Propose(p)),
-                })) => {
+        while let Some(request) = io.next().await {
+            let reply = match request.msg {
+                Some(Msg::Propose(p)) => {
                     let (s, r) = self.propose(state, p).await;
-                    let r = r.map(|p| pb::DraftResponse {
-                        msg: Some(Out::Proposal(p)),
-                    });
+                    let r = r.map(|p| wrap(Out::Proposal(p)));
                     let Some(s) = s else {
                         // The drafter was lost: report and end the stream.
-                        let _ = out.send(r).await;
+                        io.answer(r).await;
                         return;
                     };
                     state = s;
                     r
                 }
-                Ok(Some(pb::DraftRequest {
-                    msg: Some(Msg::Close(_)),
-                })) => {
-                    let _ = out
-                        .send(Ok(pb::DraftResponse {
-                            msg: Some(Out::Closed(pb::draft_response::Closed {})),
-                        }))
+                Some(Msg::Close(_)) => {
+                    io.answer(Ok(wrap(Out::Closed(pb::draft_response::Closed {}))))
                         .await;
                     return;
                 }
-                Ok(Some(_)) => Err(Status::invalid_argument(
+                _ => Err(Status::invalid_argument(
                     "expected Propose or Close on an open Draft stream",
                 )),
-                Ok(None) | Err(_) => return,
             };
-            let failed = reply.is_err();
-            if out.send(reply).await.is_err() || failed {
+            if !io.answer(reply).await {
                 return;
             }
         }
@@ -385,27 +353,18 @@ impl drafter_server::Drafter for DrafterService {
         let span = tracing::info_span!("drafter.draft");
         specd_service::telemetry::extract(request.metadata(), &span);
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(
-            self.clone()
-                .serve_stream(request.into_inner(), tx)
-                .instrument(span),
-        );
+        let io = Duplex::new(request.into_inner(), tx);
+        tokio::spawn(self.clone().serve_stream(io).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
-        let id = &self.inner.identity;
-        Ok(Response::new(pb::WorkerInfo {
-            role: "drafter".into(),
-            instance_id: id.instance_id.clone(),
-            model: id.model.clone(),
-            family: id.family.clone(),
-            tokenizer_fingerprint: id.fingerprint.clone(),
-            context_length: id.context as u32,
-            capacity: self.inner.slots.capacity(),
-            active_sequences: self.active(),
-            drafter_kinds: self.kinds(),
-            weights_version: id.weights_version.clone(),
-        }))
+        let slots = &self.inner.slots;
+        Ok(Response::new(self.inner.identity.info(
+            specd_coord::Role::Drafter,
+            slots.capacity(),
+            slots.active(),
+            self.kinds(),
+        )))
     }
 }

@@ -4,7 +4,8 @@
 //!   engine thread (rejection sampling per sequence, rollback by `keep_len`).
 //! - [`drafter`]: `Drafter.Draft`, one drafter instance per sequence (draft model, self-drafter or the
 //!   n-gram drafter sharing one recycling table per worker).
-//! - [`slots`]: per-worker admission (capacity, draining); [`convert`]: wire checks and conversions.
+//! - [`slots`]: per-worker admission (capacity, draining); [`convert`]: wire checks and conversions;
+//!   [`stream`]: the request/answer discipline both streams share.
 //! - [`serve_worker`]: what both roles do around their service: bind, health and reflection, register
 //!   in the coordination store with a lease and keep the load figure fresh, drain on shutdown.
 //!
@@ -13,6 +14,7 @@
 pub mod convert;
 pub mod drafter;
 pub mod slots;
+pub mod stream;
 pub mod target;
 
 use std::net::SocketAddr;
@@ -33,6 +35,30 @@ pub struct WorkerIdentity {
     pub fingerprint: String,
     pub context: usize,
     pub weights_version: String,
+}
+
+impl WorkerIdentity {
+    /// The `Info` answer of a worker with this identity.
+    pub fn info(
+        &self,
+        role: Role,
+        capacity: u32,
+        active: u32,
+        drafter_kinds: Vec<String>,
+    ) -> specd_proto::internal::v1::WorkerInfo {
+        specd_proto::internal::v1::WorkerInfo {
+            role: role.as_str().to_string(),
+            instance_id: self.instance_id.clone(),
+            model: self.model.clone(),
+            family: self.family.clone(),
+            tokenizer_fingerprint: self.fingerprint.clone(),
+            context_length: self.context as u32,
+            capacity,
+            active_sequences: active,
+            drafter_kinds,
+            weights_version: self.weights_version.clone(),
+        }
+    }
 }
 
 /// Where and how a worker serves.

@@ -17,6 +17,7 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use specd_core::{verify, verify_greedy, Sampler, SamplingParams, SparseDist};
+use specd_engine::speculate::top_ids;
 use specd_engine::{KvCache, LogitsWanted, Model, SeqInput};
 use specd_proto::internal::v1 as pb;
 use specd_proto::internal::v1::target_server::Target;
@@ -28,6 +29,7 @@ use tracing::Instrument;
 
 use crate::convert::{self, MAX_FEEDBACK_WIDTH};
 use crate::slots::{Slot, Slots};
+use crate::stream::Duplex;
 use crate::WorkerIdentity;
 
 /// Most new tokens one batched forward takes; further commands wait for the next batch. Bounds the
@@ -375,19 +377,6 @@ fn decide(
     })
 }
 
-/// The `n` highest logits' ids, best first (ties to the lower id).
-pub fn top_ids(logits: &[f32], n: usize) -> Vec<u32> {
-    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
-    for (i, &v) in logits.iter().enumerate() {
-        if best.len() < n || v > best[best.len() - 1].0 {
-            let pos = best.partition_point(|&(b, _)| b >= v);
-            best.insert(pos, (v, i as u32));
-            best.truncate(n);
-        }
-    }
-    best.into_iter().map(|(_, i)| i).collect()
-}
-
 /// The `Target` gRPC service.
 #[derive(Clone)]
 pub struct TargetService {
@@ -458,42 +447,30 @@ impl TargetService {
     }
 
     /// Serves one Verify stream to its end.
-    async fn serve_stream(
-        self,
-        mut inbound: Streaming<pb::VerifyRequest>,
-        out: mpsc::Sender<Result<pb::VerifyResponse, Status>>,
-    ) {
+    async fn serve_stream(self, mut io: Duplex<pb::VerifyRequest, pb::VerifyResponse>) {
         use pb::verify_request::Msg;
         use pb::verify_response::Msg as Out;
-        // The first message must be Open.
-        let first = tokio::select! {
-            m = inbound.message() => m,
-            _ = out.closed() => return,
-        };
-        let open = match first {
-            Ok(Some(pb::VerifyRequest {
-                msg: Some(Msg::Open(open)),
-            })) => open,
-            Ok(Some(_)) => {
-                let _ = out
-                    .send(Err(Status::invalid_argument(
-                        "the first message on a Verify stream must be Open",
-                    )))
-                    .await;
-                return;
-            }
-            Ok(None) | Err(_) => return,
+        let wrap = |msg| pb::VerifyResponse { msg: Some(msg) };
+        let Some(open) = io
+            .first("Verify", |r| match r.msg {
+                Some(Msg::Open(open)) => Some(open),
+                _ => None,
+            })
+            .await
+        else {
+            return;
         };
         let admitted = convert::sampling(open.sampling.as_ref())
             .and_then(|p| Ok((p, self.inner.slots.admit()?)));
         let (params, slot) = match admitted {
             Ok(a) => a,
             Err(s) => {
-                let _ = out.send(Err(s)).await;
+                io.answer(Err(s)).await;
                 return;
             }
         };
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        // Frees the sequence on the engine thread however the stream ends.
         let _guard = SeqGuard {
             inner: Arc::clone(&self.inner),
             seq,
@@ -508,49 +485,25 @@ impl TargetService {
                 reply,
             })
             .await;
-        let ok = opened.is_ok();
-        if out
-            .send(opened.map(|o| pb::VerifyResponse {
-                msg: Some(Out::Opened(o)),
-            }))
-            .await
-            .is_err()
-            || !ok
-        {
+        if !io.answer(opened.map(|o| wrap(Out::Opened(o)))).await {
             return;
         }
-        loop {
-            let msg = tokio::select! {
-                m = inbound.message() => m,
-                _ = out.closed() => return,
-            };
-            let reply = match msg {
-                Ok(Some(pb::VerifyRequest {
-                    msg: Some(Msg::Step(step)),
-                })) => self
+        while let Some(request) = io.next().await {
+            let reply = match request.msg {
+                Some(Msg::Step(step)) => self
                     .call(|reply| Cmd::Step { seq, step, reply })
                     .await
-                    .map(|r| pb::VerifyResponse {
-                        msg: Some(Out::StepResult(r)),
-                    }),
-                Ok(Some(pb::VerifyRequest {
-                    msg: Some(Msg::Close(_)),
-                })) => {
-                    let _ = out
-                        .send(Ok(pb::VerifyResponse {
-                            msg: Some(Out::Closed(pb::verify_response::Closed {})),
-                        }))
+                    .map(|r| wrap(Out::StepResult(r))),
+                Some(Msg::Close(_)) => {
+                    io.answer(Ok(wrap(Out::Closed(pb::verify_response::Closed {}))))
                         .await;
                     return;
                 }
-                Ok(Some(_)) => Err(Status::invalid_argument(
+                _ => Err(Status::invalid_argument(
                     "expected Step or Close on an open Verify stream",
                 )),
-                // The client ended or cancelled the stream: the guard frees the sequence.
-                Ok(None) | Err(_) => return,
             };
-            let failed = reply.is_err();
-            if out.send(reply).await.is_err() || failed {
+            if !io.answer(reply).await {
                 return;
             }
         }
@@ -568,24 +521,18 @@ impl Target for TargetService {
         let span = tracing::info_span!("target.verify");
         specd_service::telemetry::extract(request.metadata(), &span);
         let (tx, rx) = mpsc::channel(2);
-        let this = self.clone();
-        tokio::spawn(this.serve_stream(request.into_inner(), tx).instrument(span));
+        let io = Duplex::new(request.into_inner(), tx);
+        tokio::spawn(self.clone().serve_stream(io).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
-        let id = &self.inner.identity;
-        Ok(Response::new(pb::WorkerInfo {
-            role: "target".into(),
-            instance_id: id.instance_id.clone(),
-            model: id.model.clone(),
-            family: id.family.clone(),
-            tokenizer_fingerprint: id.fingerprint.clone(),
-            context_length: id.context as u32,
-            capacity: self.inner.slots.capacity(),
-            active_sequences: self.active(),
-            drafter_kinds: Vec::new(),
-            weights_version: id.weights_version.clone(),
-        }))
+        let slots = &self.inner.slots;
+        Ok(Response::new(self.inner.identity.info(
+            specd_coord::Role::Target,
+            slots.capacity(),
+            slots.active(),
+            Vec::new(),
+        )))
     }
 }
