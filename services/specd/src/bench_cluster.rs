@@ -98,7 +98,15 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
         let store = specd_coord::Store::memory();
         let shutdown = Shutdown::new();
         let loopback: SocketAddr = "127.0.0.1:0".parse()?;
-        let t = serve::start_target(&target, &service, loopback, 16, 2048, store.clone(), shutdown.clone()).await?;
+        let t = serve::start_target(
+            &target,
+            &service,
+            loopback,
+            16,
+            specd_worker::target::BatchLimits::default(),
+            store.clone(),
+            shutdown.clone(),
+        ).await?;
         let (models, _) = serve::drafter_models(&[], preset, &args.model, &target, true)?;
         let id = serve::identity(&target, serve::instance_id(&service, specd_coord::Role::Drafter));
         let d = serve::start_drafter(models, id, &service, loopback, 64, store.clone(), shutdown.clone()).await?;

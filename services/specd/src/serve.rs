@@ -21,7 +21,9 @@ use specd_router::pool::Pool;
 use specd_service::telemetry::{LogFormat, TelemetryConfig};
 use specd_service::{Drain, Shutdown};
 use specd_worker::drafter::{DrafterModels, DrafterService};
-use specd_worker::target::{TargetService, DEFAULT_MAX_BATCH_TOKENS};
+use specd_worker::target::{
+    BatchLimits, TargetService, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFILL_CHUNK,
+};
 use specd_worker::{serve_worker, ServeOptions, WorkerIdentity};
 
 use crate::cli::{init_threads, ModelArgs};
@@ -71,6 +73,10 @@ pub struct TargetArgs {
     /// Most new tokens in one batched forward.
     #[arg(long, env = "SPECD_MAX_BATCH_TOKENS", default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     pub max_batch_tokens: usize,
+    /// Most prompt tokens of one prefill per batched forward (long prompts are prefilled in chunks
+    /// between other sequences' steps).
+    #[arg(long, env = "SPECD_PREFILL_CHUNK", default_value_t = DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -249,7 +255,7 @@ pub(crate) async fn start_target(
     args: &ServiceArgs,
     addr: SocketAddr,
     capacity: u32,
-    max_batch_tokens: usize,
+    limits: BatchLimits,
     store: Store,
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
@@ -259,7 +265,7 @@ pub(crate) async fn start_target(
         target.model.clone(),
         id.clone(),
         capacity,
-        max_batch_tokens,
+        limits,
         drain.clone(),
     )?;
     let load = svc.clone();
@@ -551,7 +557,10 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
                 &a.service,
                 a.grpc_addr,
                 a.capacity,
-                a.max_batch_tokens,
+                BatchLimits {
+                    max_batch_tokens: a.max_batch_tokens,
+                    prefill_chunk: a.prefill_chunk,
+                },
                 store,
                 shutdown,
             )
@@ -635,7 +644,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 &svc_args,
                 loopback,
                 args.capacity,
-                DEFAULT_MAX_BATCH_TOKENS,
+                BatchLimits::default(),
                 store.clone(),
                 shutdown.child(),
             )

@@ -11,7 +11,7 @@
 //! token but the last; a step truncates to `keep_len`, appends `append_ids`, then feeds the tokens the
 //! cache lacks plus the drafts and reads logits at the last `drafts + 1` positions.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
@@ -32,9 +32,12 @@ use crate::slots::{Slot, Slots};
 use crate::stream::Duplex;
 use crate::WorkerIdentity;
 
-/// Most new tokens one batched forward takes; further commands wait for the next batch. Bounds the
-/// latency a long prefill adds to the verify steps batched with it.
+/// Most new tokens one batched forward takes; further commands wait for the next batch.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// Most prompt tokens of one sequence's prefill per batched forward: a long prompt is prefilled in
+/// chunks, between which the other sequences' verify steps run, so it delays them by one chunk's
+/// worth of compute rather than by the whole prompt's.
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
 type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
@@ -63,6 +66,38 @@ struct Seq {
     sampler: Sampler,
 }
 
+/// How much work one batched forward takes.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    /// Most new tokens per forward.
+    pub max_batch_tokens: usize,
+    /// Most prompt tokens of one prefill per forward.
+    pub prefill_chunk: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        }
+    }
+}
+
+/// A sequence whose prompt is being prefilled, chunk by chunk.
+struct Prefill {
+    id: u64,
+    seq: Seq,
+    reply: Reply<pb::verify_response::Opened>,
+}
+
+impl Prefill {
+    /// Prompt tokens still to feed (the last prompt token is fed by the first step).
+    fn remaining(&self) -> usize {
+        self.seq.tokens.len() - 1 - self.seq.cache.len()
+    }
+}
+
 /// A unit of the next batched forward.
 struct Work {
     id: u64,
@@ -72,7 +107,7 @@ struct Work {
 }
 
 enum Job {
-    Open(Reply<pb::verify_response::Opened>),
+    Prefill(Reply<pb::verify_response::Opened>),
     Step {
         drafts: Vec<u32>,
         q: Vec<SparseDist>,
@@ -86,21 +121,36 @@ struct Engine {
     model: Model,
     seqs: HashMap<u64, Seq>,
     max_batch_tokens: usize,
+    prefill_chunk: usize,
+    /// Prefills in progress, oldest first.
+    prefilling: VecDeque<Prefill>,
 }
 
 impl Engine {
+    fn new(model: Model, limits: BatchLimits) -> Self {
+        Self {
+            model,
+            seqs: HashMap::new(),
+            max_batch_tokens: limits.max_batch_tokens.max(1),
+            prefill_chunk: limits.prefill_chunk.max(1),
+            prefilling: VecDeque::new(),
+        }
+    }
+
     fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
         let mut carry: Option<Cmd> = None;
         loop {
-            let first = match carry.take() {
-                Some(c) => c,
-                None => match rx.recv() {
-                    Ok(c) => c,
+            let mut cmds = Vec::new();
+            if let Some(c) = carry.take() {
+                cmds.push(c);
+            } else if self.prefilling.is_empty() {
+                // Idle: wait for work. With prefills in progress, take what is there and go on.
+                match rx.recv() {
+                    Ok(c) => cmds.push(c),
                     Err(_) => return,
-                },
-            };
-            let mut cmds = vec![first];
-            let mut tokens = cmd_tokens(&cmds[0]);
+                }
+            }
+            let mut tokens: usize = cmds.iter().map(cmd_tokens).sum();
             while let Ok(c) = rx.try_recv() {
                 let t = cmd_tokens(&c);
                 if tokens + t > self.max_batch_tokens && tokens > 0 {
@@ -112,6 +162,30 @@ impl Engine {
             }
             self.batch(cmds);
         }
+    }
+
+    /// Schedules the next chunk of the waiting prefills into `work`, within `budget` tokens (at least
+    /// one token of the oldest, so prefills always progress).
+    fn schedule_prefills(&mut self, work: &mut Vec<Work>, mut budget: usize) {
+        budget = budget.max(1);
+        let mut later = VecDeque::new();
+        while let Some(p) = self.prefilling.pop_front() {
+            if budget == 0 {
+                later.push_back(p);
+                continue;
+            }
+            let n = p.remaining().min(self.prefill_chunk).min(budget);
+            budget -= n;
+            let from = p.seq.cache.len();
+            let feed = p.seq.tokens[from..from + n].to_vec();
+            work.push(Work {
+                id: p.id,
+                seq: p.seq,
+                feed,
+                job: Job::Prefill(p.reply),
+            });
+        }
+        self.prefilling = later;
     }
 
     fn batch(&mut self, cmds: Vec<Cmd>) {
@@ -132,9 +206,8 @@ impl Engine {
                         let _ = reply.send(Err(s));
                         continue;
                     }
-                    let feed = prompt[..prompt.len() - 1].to_vec();
                     let sampler = Sampler::new(params.seed);
-                    work.push(Work {
+                    self.prefilling.push_back(Prefill {
                         id: seq,
                         seq: Seq {
                             tokens: prompt,
@@ -142,8 +215,7 @@ impl Engine {
                             params,
                             sampler,
                         },
-                        feed,
-                        job: Job::Open(reply),
+                        reply,
                     });
                 }
                 Cmd::Step { seq, step, reply } => {
@@ -173,11 +245,32 @@ impl Engine {
                 }
             }
         }
+        // Closes first: a prefill whose stream is gone is not worth a chunk.
+        for seq in closes {
+            self.seqs.remove(&seq);
+            self.prefilling.retain(|p| p.id != seq);
+        }
+        // A one-token prompt has nothing to prefill.
+        while let Some(i) = self.prefilling.iter().position(|p| p.remaining() == 0) {
+            if let Some(p) = self.prefilling.remove(i) {
+                self.finish_prefill(p.id, p.seq, p.reply);
+            }
+        }
+        let used: usize = work.iter().map(|w| w.feed.len()).sum();
+        if !self.prefilling.is_empty() {
+            self.schedule_prefills(&mut work, self.max_batch_tokens.saturating_sub(used));
+        }
         if !work.is_empty() {
             self.forward(work, t0);
         }
-        for seq in closes {
-            self.seqs.remove(&seq);
+    }
+
+    fn finish_prefill(&mut self, id: u64, seq: Seq, reply: Reply<pb::verify_response::Opened>) {
+        let opened = pb::verify_response::Opened {
+            context_len: seq.tokens.len() as u32,
+        };
+        if reply.send(Ok(opened)).is_ok() {
+            self.seqs.insert(id, seq);
         }
     }
 
@@ -189,7 +282,7 @@ impl Engine {
                     cache: &mut w.seq.cache,
                     tokens: &w.feed,
                     wanted: match &w.job {
-                        Job::Open(_) => LogitsWanted::None,
+                        Job::Prefill(_) => LogitsWanted::None,
                         Job::Step { drafts, .. } => LogitsWanted::Tail(drafts.len() + 1),
                     },
                 })
@@ -205,7 +298,7 @@ impl Engine {
                 tracing::error!(error = %status.message(), "batched forward failed");
                 for w in work {
                     match w.job {
-                        Job::Open(reply) => {
+                        Job::Prefill(reply) => {
                             let _ = reply.send(Err(status.clone()));
                         }
                         Job::Step { reply, .. } => {
@@ -219,6 +312,7 @@ impl Engine {
         };
         let vocab = self.model.config().vocab;
         let batch_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut unfinished = Vec::new();
         metrics::histogram!("specd_worker_step_seconds", "role" => "target")
             .record(batch_ms / 1000.0);
         for (w, logits) in work.into_iter().zip(logits) {
@@ -226,12 +320,12 @@ impl Engine {
                 id, mut seq, job, ..
             } = w;
             match job {
-                Job::Open(reply) => {
-                    let opened = pb::verify_response::Opened {
-                        context_len: seq.tokens.len() as u32,
-                    };
-                    if reply.send(Ok(opened)).is_ok() {
-                        self.seqs.insert(id, seq);
+                Job::Prefill(reply) => {
+                    let p = Prefill { id, seq, reply };
+                    if p.remaining() == 0 {
+                        self.finish_prefill(p.id, p.seq, p.reply);
+                    } else {
+                        unfinished.push(p);
                     }
                 }
                 Job::Step {
@@ -248,12 +342,17 @@ impl Engine {
                 }
             }
         }
+        // Started prefills keep their place ahead of those not started yet, oldest first.
+        for p in unfinished.into_iter().rev() {
+            self.prefilling.push_front(p);
+        }
     }
 }
 
 fn cmd_tokens(c: &Cmd) -> usize {
     match c {
-        Cmd::Open { prompt, .. } => prompt.len(),
+        // Prefills are scheduled in chunks against what is left of the budget.
+        Cmd::Open { .. } => 0,
         Cmd::Step { step, .. } => step.drafts.len() + step.append_ids.len() + 1,
         Cmd::Close { .. } => 0,
     }
@@ -409,15 +508,11 @@ impl TargetService {
         model: Model,
         identity: WorkerIdentity,
         capacity: u32,
-        max_batch_tokens: usize,
+        limits: BatchLimits,
         drain: Drain,
     ) -> anyhow::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
-        let engine = Engine {
-            model,
-            seqs: HashMap::new(),
-            max_batch_tokens: max_batch_tokens.max(1),
-        };
+        let engine = Engine::new(model, limits);
         std::thread::Builder::new()
             .name("specd-target-engine".into())
             .spawn(move || engine.run(rx))?;
@@ -534,5 +629,143 @@ impl Target for TargetService {
             slots.active(),
             Vec::new(),
         )))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+    use specd_engine::testing::{write_tiny_model, TinySpec};
+    use specd_engine::{load_gguf, Family};
+
+    fn greedy_step(keep: usize, append: Vec<u32>) -> pb::verify_request::Step {
+        pb::verify_request::Step {
+            drafts: Vec::new(),
+            q: Vec::new(),
+            keep_len: keep as u32,
+            append_ids: append,
+            feedback_width: 0,
+        }
+    }
+
+    /// Plain greedy decoding of `n` tokens, for reference.
+    fn reference(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut cache = model.new_cache();
+        let mut logits = model
+            .forward(&mut cache, prompt, LogitsWanted::Last)
+            .expect("forward");
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = specd_core::argmax(&logits);
+            out.push(t);
+            logits = model
+                .forward(&mut cache, &[t], LogitsWanted::Last)
+                .expect("forward");
+        }
+        out
+    }
+
+    #[test]
+    fn long_prefills_run_in_chunks_between_other_sequences_steps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.gguf");
+        let mut spec = TinySpec::new(Family::Qwen2, 5);
+        spec.layers = 8;
+        write_tiny_model(&path, &spec).expect("write");
+        let model = load_gguf(&path).expect("load").model;
+        let (tx, rx) = std_mpsc::channel();
+        let engine = Engine::new(
+            model.clone(),
+            BatchLimits {
+                max_batch_tokens: 64,
+                prefill_chunk: 2,
+            },
+        );
+        let thread = std::thread::spawn(move || engine.run(rx));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let shorts: Vec<Vec<u32>> = (0..6u32)
+            .map(|s| (0..5).map(|i| 3 + i * 7 + s).collect())
+            .collect();
+        let long: Vec<u32> = (0..480u32).map(|i| (i * 13 + 1) % 250).collect();
+        rt.block_on(async {
+            let open = |seq, prompt: Vec<u32>| {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Cmd::Open {
+                    seq,
+                    prompt,
+                    params: SamplingParams::greedy(),
+                    reply,
+                })
+                .expect("send");
+                rx
+            };
+            let step = |seq, keep| {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Cmd::Step {
+                    seq,
+                    step: greedy_step(keep, Vec::new()),
+                    reply,
+                })
+                .expect("send");
+                rx
+            };
+            for (i, p) in shorts.iter().enumerate() {
+                open(10 + i as u64, p.clone())
+                    .await
+                    .expect("reply")
+                    .expect("short opened");
+            }
+            // The long prompt needs 240 chunks. Once the engine has run a batch after taking it (the
+            // first short step answered), steps sent next must not wait for the rest of its chunks.
+            let (events, mut order) = mpsc::unbounded_channel();
+            let long_opened = open(1, long.clone());
+            let ev = events.clone();
+            tokio::spawn(async move {
+                let r = long_opened.await.expect("reply").expect("long opened");
+                let _ = ev.send(("opened".to_string(), r.context_len));
+            });
+            let first = step(10, shorts[0].len())
+                .await
+                .expect("reply")
+                .expect("step");
+            assert_eq!(first.next_token, reference(&model, &shorts[0], 1)[0]);
+            for (i, p) in shorts.iter().enumerate().skip(1) {
+                let r = step(10 + i as u64, p.len());
+                let ev = events.clone();
+                tokio::spawn(async move {
+                    let r = r.await.expect("reply").expect("step");
+                    let _ = ev.send((format!("step{i}"), r.next_token));
+                });
+            }
+            drop(events);
+            let mut seen = Vec::new();
+            while let Some(e) = order.recv().await {
+                seen.push(e);
+            }
+            assert_eq!(seen.len(), shorts.len());
+            assert_eq!(
+                seen.last().map(|e| e.0.as_str()),
+                Some("opened"),
+                "steps sent during the long prefill finished before it did: {seen:?}"
+            );
+            for (i, p) in shorts.iter().enumerate().skip(1) {
+                let got = seen
+                    .iter()
+                    .find(|e| e.0 == format!("step{i}"))
+                    .expect("step");
+                assert_eq!(got.1, reference(&model, p, 1)[0], "short sequence {i}");
+            }
+            let r = step(1, long.len()).await.expect("reply").expect("step");
+            assert_eq!(
+                vec![r.next_token],
+                reference(&model, &long, 1),
+                "a chunked prefill gives the same logits as a whole one"
+            );
+        });
+        drop(tx);
+        thread.join().expect("engine thread");
     }
 }
