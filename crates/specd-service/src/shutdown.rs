@@ -95,6 +95,8 @@ struct DrainInner {
     in_flight: AtomicUsize,
     draining: AtomicBool,
     idle: Notify,
+    /// Set when the service's core failed and the process should stop (see [`Drain::fail`]).
+    failed: CancellationToken,
 }
 
 /// Held while one unit of work is in flight; dropping it ends the work.
@@ -133,6 +135,21 @@ impl Drain {
         Some(InFlight {
             inner: Arc::clone(&self.inner),
         })
+    }
+
+    /// Marks the service as failed beyond repair (its engine died): whoever waits on
+    /// [`Drain::failed`] shuts the service down.
+    pub fn fail(&self) {
+        self.inner.failed.cancel();
+    }
+
+    /// Resolves once [`Drain::fail`] was called.
+    pub async fn failed(&self) {
+        self.inner.failed.cancelled().await
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.inner.failed.is_cancelled()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -186,6 +203,20 @@ mod tests {
         let drain = Drain::new();
         let _stuck = drain.enter().expect("not draining yet");
         assert_eq!(drain.drain(Duration::from_millis(30)).await, 1);
+    }
+
+    #[tokio::test]
+    async fn failure_is_signalled_to_waiters() {
+        let drain = Drain::new();
+        assert!(!drain.has_failed());
+        let d = drain.clone();
+        let waiter = tokio::spawn(async move { d.failed().await });
+        drain.fail();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("waiter woke")
+            .expect("join");
+        assert!(drain.has_failed());
     }
 
     #[tokio::test]

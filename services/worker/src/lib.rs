@@ -139,6 +139,10 @@ pub async fn serve_worker(
         loop {
             tokio::select! {
                 _ = opts.shutdown.wait() => break,
+                _ = drain.failed() => {
+                    tracing::error!(role = %role, "worker failed; leaving placement");
+                    break;
+                }
                 _ = tick.tick() => {
                     let now = load();
                     if now != last && registration.update(now).await.is_ok() {
@@ -169,6 +173,9 @@ pub async fn serve_worker(
             Err(_) => tracing::warn!("gRPC server did not stop within 2 s of the drain"),
         }
         tracing::info!(role = %role, "stopped");
+        if drain.has_failed() {
+            anyhow::bail!("the {role} worker failed (see the log) and stopped");
+        }
         Ok(())
     });
     Ok(Running {

@@ -513,9 +513,19 @@ impl TargetService {
     ) -> anyhow::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
         let engine = Engine::new(model, limits);
+        let stop = drain.clone();
         std::thread::Builder::new()
             .name("specd-target-engine".into())
-            .spawn(move || engine.run(rx))?;
+            .spawn(move || {
+                // A panic here is a bug; the sequences' state cannot be trusted after it. Leave
+                // placement (the worker drains and exits, its routers re-prefill elsewhere) rather
+                // than stay registered answering UNAVAILABLE.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(rx)));
+                if run.is_err() {
+                    tracing::error!("target engine thread panicked; shutting the worker down");
+                    stop.fail();
+                }
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 engine: tx,
