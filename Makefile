@@ -6,7 +6,7 @@ CARGO ?= cargo
 SPECD := $(CARGO_TARGET_DIR)/release/specd
 PROMPT ?= Write a Python function that checks whether a number is prime.
 
-.PHONY: all setup models build run generate test test-fast bench bench-cluster lint fmt clean
+.PHONY: all setup models build run generate test test-fast bench bench-cluster loadtest lint fmt clean
 
 all: build
 
@@ -44,6 +44,10 @@ bench: models build
 
 bench-cluster: models build
 	$(SPECD) bench-cluster --model-preset qwen --drafters none,auto
+
+# Closed-loop load on a fresh `specd up` (or on ADDR=host:port).
+loadtest: models build
+	SPECD=$(SPECD) loadtest/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -26,6 +26,8 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Load a running router with concurrent streaming requests and print throughput and latencies.
+    Loadtest(crate::loadtest::LoadtestArgs),
     /// Measure the cluster's overhead against the single-process engine on the same prompts.
     BenchCluster(crate::bench_cluster::BenchClusterArgs),
     /// Run a whole cluster in this process (router, drafter and target worker, embedded store).

@@ -2,6 +2,7 @@
 //!
 //! - `specd generate`: one prompt through the single-process engine, text streamed to stdout, a stats line
 //!   to stderr.
+//! - `specd loadtest`: closed-loop load against a router's gRPC API, with latency percentiles.
 //! - `specd bench-cluster`: the distributed path's overhead against the single-process engine.
 //! - `specd bench`: the speculation benchmark over code and prose prompts (a program that prints figures).
 //! - `specd models fetch`: the pinned model files, through `scripts/fetch-models.sh`.
@@ -14,6 +15,7 @@ mod bench;
 mod bench_cluster;
 mod cli;
 mod generate;
+mod loadtest;
 mod serve;
 
 use clap::Parser;
@@ -49,6 +51,7 @@ fn run_local(command: cli::Command) {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::BenchCluster(args) => bench_cluster::run(args),
+        cli::Command::Loadtest(args) => loadtest::run(args),
         cli::Command::Models(cli::ModelsCommand::Fetch(args)) => cli::fetch_models(args),
         cli::Command::Up(_)
         | cli::Command::Router(_)

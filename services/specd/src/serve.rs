@@ -689,3 +689,8 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
         },
     )
 }
+
+/// A gRPC code as a short label (`OK`, `UNAVAILABLE`, ...).
+pub(crate) fn code_label(code: tonic::Code) -> &'static str {
+    specd_router::core::code_name(code)
+}
