@@ -10,10 +10,15 @@
 //! less than k+1 single-row passes.
 //!
 //! Only the formats of the project's model files get a kernel (Q4_K, Q6_K, Q8_0 and so Q5_0, converted
-//! to Q8_0 at load); `qweight.rs` falls back to candle's `vec_dot` for the others and on CPUs without AVX2.
+//! to Q8_0 at load, and Q4_1, SmolLM2's); `qweight.rs` falls back to candle's `vec_dot` for the others and
+//! on CPUs without AVX2. Candle has no SIMD Q4_1 kernel: its scalar `vec_dot_q4_1_q8_1` sums each block in
+//! integers and then does a fixed sequence of f32 operations per block; the kernel here computes the same
+//! integer sums with AVX2 and then the same f32 operations in the same order, so it is bitwise equal too.
 //! The choice depends on the CPU and the format, never on the row count.
 
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K, BlockQ8_0};
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1,
+};
 
 /// Mirrors of candle's block layouts (its fields are crate-private); sizes are checked below.
 #[repr(C)]
@@ -45,6 +50,24 @@ struct Q80 {
     qs: [i8; 32],
 }
 
+#[repr(C)]
+struct Q41 {
+    d: u16,
+    m: u16,
+    qs: [u8; 16],
+}
+
+#[repr(C)]
+struct Q81 {
+    d: u16,
+    s: u16,
+    qs: [i8; 32],
+}
+
+const _: () = assert!(std::mem::size_of::<Q41>() == std::mem::size_of::<BlockQ4_1>());
+const _: () = assert!(std::mem::size_of::<Q81>() == std::mem::size_of::<BlockQ8_1>());
+const _: () = assert!(std::mem::align_of::<Q41>() == std::mem::align_of::<BlockQ4_1>());
+const _: () = assert!(std::mem::align_of::<Q81>() == std::mem::align_of::<BlockQ8_1>());
 const _: () = assert!(std::mem::size_of::<Q4K>() == std::mem::size_of::<BlockQ4K>());
 const _: () = assert!(std::mem::size_of::<Q6K>() == std::mem::size_of::<BlockQ6K>());
 const _: () = assert!(std::mem::size_of::<Q8K>() == std::mem::size_of::<BlockQ8K>());
@@ -177,6 +200,13 @@ impl MultiRow for BlockQ8_0 {
     type Act = BlockQ8_0;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
         dispatch_rows!(q8_0_rows, Q80, cast::<_, Q80>(w), ys, out)
+    }
+}
+
+impl MultiRow for BlockQ4_1 {
+    type Act = BlockQ8_1;
+    fn dot_rows(w: &[Self], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
+        dispatch_rows!(q4_1_rows, Q81, cast::<_, Q41>(w), ys, out)
     }
 }
 
@@ -616,6 +646,44 @@ unsafe fn q8_0_rows<const R: usize>(xs: &[Q80], ys: [&[Q80]; R], out: &mut [f32]
     }
 }
 
+/// Q4_1 x Q8_1 for R rows (candle's scalar `vec_dot_q4_1_q8_1`, per row: the block's integer sum is
+/// exact whatever computes it, and the f32 epilogue is the same expression in the same order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1_rows<const R: usize>(xs: &[Q41], ys: [&[Q81]; R], out: &mut [f32]) {
+    let low = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut sumf = [0f32; R];
+    for (b, x) in xs.iter().enumerate() {
+        // SAFETY: qs is 16 bytes.
+        let raw = unsafe { _mm_loadu_si128(x.qs.as_ptr() as *const __m128i) };
+        // Low nibbles pair with activations 0..16, high nibbles with 16..32.
+        let lo = _mm_and_si128(raw, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        let v = _mm256_set_m128i(hi, lo);
+        let (xd, xm) = (f16_to_f32(x.d), f16_to_f32(x.m));
+        for r in 0..R {
+            let y = &ys[r][b];
+            // SAFETY: qs is 32 bytes.
+            let q = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+            // u8 (<= 15) x i8 pairs: at most 2 * 15 * 128 in magnitude, no i16 saturation.
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(v, q), ones);
+            let sumi = hsum_i32_8(sums);
+            sumf[r] += sumi as f32 * xd * f16_to_f32(y.d) + xm * f16_to_f32(y.s);
+        }
+    }
+    out[..R].copy_from_slice(&sumf);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn hsum_i32_8(x: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -725,5 +793,10 @@ mod tests {
     #[test]
     fn q8_0_matches_candle_bitwise_for_any_row_count() {
         check::<BlockQ8_0>(GgmlDType::Q8_0);
+    }
+
+    #[test]
+    fn q4_1_matches_candle_bitwise_for_any_row_count() {
+        check::<BlockQ4_1>(GgmlDType::Q4_1);
     }
 }

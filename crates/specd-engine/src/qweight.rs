@@ -260,6 +260,7 @@ impl QWeight {
             QData::F32(w) => matmul_f32(w, self.n, self.k, x, m),
             QData::F16(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q4_0(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q4_1(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q4_1(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q5_1(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q8_0(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
