@@ -110,7 +110,10 @@ impl DrafterService {
         self.inner.slots.active()
     }
 
-    fn build(&self, kind: &str) -> Result<Box<dyn Drafter>, Status> {
+    /// A drafter of `kind` for one sequence. A seeded request gets an n-gram drafter with its own fresh
+    /// state instead of the worker-wide one: its proposals, and so its random draws, must not depend on
+    /// what other requests taught the shared table (same seed, same output).
+    fn build(&self, kind: &str, seeded: bool) -> Result<Box<dyn Drafter>, Status> {
         let m = &self.inner.models;
         let kind: DrafterKind = kind
             .parse()
@@ -132,9 +135,14 @@ impl DrafterService {
                 m.self_drafter.clone().ok_or_else(unavailable)?,
             )),
             DrafterKind::Ngram | DrafterKind::Auto if m.ngram => {
+                let learned = if seeded {
+                    SharedNgram::default()
+                } else {
+                    self.inner.shared_ngram.clone()
+                };
                 let mut d = specd_engine::drafter::NgramDrafter::with_shared(
                     NgramConfig::default(),
-                    self.inner.shared_ngram.clone(),
+                    learned,
                 );
                 d.set_kind(kind);
                 Box::new(d)
@@ -157,7 +165,7 @@ impl DrafterService {
         }
         convert::check_tokens("open: prompt_ids", &open.prompt_ids, m.vocab)?;
         let params = convert::sampling(open.sampling.as_ref())?;
-        let mut drafter = self.build(&open.drafter_kind)?;
+        let mut drafter = self.build(&open.drafter_kind, params.seed.is_some())?;
         let prompt = open.prompt_ids;
         let sampler = Sampler::new(params.seed.map(|s| s ^ DRAFT_SEED_SALT));
         let (drafter, prompt) =
