@@ -894,6 +894,23 @@ async fn target_addresses(c: &Cluster) -> Vec<String> {
     records.into_iter().map(|r| r.address).collect()
 }
 
+/// Sequences open on all targets right now.
+async fn targets_active(c: &Cluster) -> u32 {
+    let mut n = 0;
+    for addr in target_addresses(c).await {
+        let mut target = TargetClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        n += target
+            .info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner()
+            .active_sequences;
+    }
+    n
+}
+
 /// Waits until every target reports no open sequence.
 async fn wait_targets_idle(c: &Cluster, what: &str) {
     let end = Instant::now() + Duration::from_secs(10);
@@ -1019,6 +1036,32 @@ async fn deadlines_disconnects_health_and_reflection() {
         t0.elapsed()
     );
     wait_targets_idle(&c, "after a deadline").await;
+
+    // An HTTP client that hangs up on a non-streaming completion frees the worker-side sequences too.
+    {
+        use std::io::Write;
+        let body = serde_json::json!({
+            "prompt": PROMPTS[1],
+            "max_tokens": 4000,
+            "temperature": 0,
+        })
+        .to_string();
+        let mut conn = std::net::TcpStream::connect(&c.http).expect("connect");
+        write!(
+            conn,
+            "POST /v1/completions HTTP/1.1\r\nHost: specd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            targets_active(&c).await,
+            1,
+            "the completion is being generated"
+        );
+        drop(conn);
+        wait_targets_idle(&c, "after an HTTP client hung up").await;
+    }
 
     // A client that walks away from a stream frees the worker-side sequences.
     let mut stream = client
