@@ -619,6 +619,40 @@ async fn a_stalled_drafter_is_dropped_within_its_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_drains_on_sigterm() {
+    let Some((sel, model)) = smollm() else { return };
+    let Some(mut c) = Cluster::start(sel, &[]).await else {
+        return;
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let long = tokio::spawn(stream_all(
+        c.client().await,
+        request(PROMPTS[0], 160, "self"),
+        Some(tx),
+    ));
+    all_started(&mut rx, 1).await;
+    c.targets[0].signal("-TERM");
+    // The sequence it holds is finished there; then it leaves placement and exits cleanly.
+    let (ids, _) = tokio::time::timeout(WAIT, long)
+        .await
+        .expect("no hang")
+        .expect("join")
+        .unwrap_or_else(|e| panic!("in-flight request failed: {e}\n{}", c.logs()));
+    assert_eq!(ids, reference(&model, PROMPTS[0], 160));
+    assert_eq!(
+        c.targets[0].wait_exit(WAIT),
+        Some(0),
+        "target exits 0 after draining"
+    );
+    let mut client = c.client().await;
+    let err = client
+        .generate(request(PROMPTS[1], 4, "none"))
+        .await
+        .expect_err("no target left");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
     let Some((sel, model)) = smollm() else { return };
     let Some(mut c) = Cluster::start(sel, &[]).await else {
