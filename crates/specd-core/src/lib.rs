@@ -18,6 +18,6 @@ pub mod verify;
 
 pub use dist::{argmax, DistError, SparseDist};
 pub use sampling::{ParamError, Sampler, SamplingParams};
-pub use spec_len::{CostModel, SpecLenController};
+pub use spec_len::{CostModel, RowCostModel, SpecLenController};
 pub use stats::{chi_square_sf, chi_square_test, ChiSquare};
 pub use verify::{verify, verify_greedy, Verdict, VerifyError};

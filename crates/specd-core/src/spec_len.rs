@@ -153,6 +153,67 @@ impl CostModel {
     }
 }
 
+/// A batched forward's time as a line in the rows it feeds, `t = a + b * rows`, fitted online with
+/// exponential forgetting: what a target knows about its own cost at the batch sizes it runs.
+///
+/// Its use is [`RowCostModel::draft_row_cost`]: in a batch of `n` decoding sequences, one more verified row
+/// costs `b` while a sequence's share of a plain step is `a / n + b`, so a draft row is worth its
+/// price only if it is accepted with at least that ratio. Alone (`n = 1`) that is the familiar "an extra
+/// row costs 0.3 of a step"; on a busy target it approaches 1 and speculation backs off by itself.
+#[derive(Clone, Debug, Default)]
+pub struct RowCostModel {
+    w: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+}
+
+/// Weight kept per new observation (a half-life of about 35 forwards).
+const ROW_COST_DECAY: f64 = 0.98;
+
+impl RowCostModel {
+    /// Records that a forward feeding `rows` new rows took `ms`.
+    pub fn record(&mut self, rows: usize, ms: f64) {
+        if rows == 0 || !(ms.is_finite() && ms >= 0.0) {
+            return;
+        }
+        let x = rows as f64;
+        self.w = self.w * ROW_COST_DECAY + 1.0;
+        self.sx = self.sx * ROW_COST_DECAY + x;
+        self.sy = self.sy * ROW_COST_DECAY + ms;
+        self.sxx = self.sxx * ROW_COST_DECAY + x * x;
+        self.sxy = self.sxy * ROW_COST_DECAY + x * ms;
+    }
+
+    /// The fitted `(a, b)` in ms; `None` before any record. Without enough spread in the row counts the
+    /// slope is the prior `PRIOR_VERIFY_SLOPE` of a one-row forward.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        if self.w <= 0.0 {
+            return None;
+        }
+        let (mx, my) = (self.sx / self.w, self.sy / self.w);
+        let var = self.sxx / self.w - mx * mx;
+        let b = if var > 0.25 {
+            ((self.sxy / self.w - mx * my) / var).max(0.0)
+        } else {
+            // t(mx) = my with t(r) = t1 * (1 - s + s * r).
+            let t1 = my / (1.0 - PRIOR_VERIFY_SLOPE + PRIOR_VERIFY_SLOPE * mx);
+            PRIOR_VERIFY_SLOPE * t1
+        };
+        let a = (my - b * mx).max(0.0);
+        Some((a, b))
+    }
+
+    /// The cost of one more verified row relative to one sequence's share of a plain step, in a batch of
+    /// `n` decoding sequences (see the type's docs); `None` before any record.
+    pub fn draft_row_cost(&self, n: usize) -> Option<f64> {
+        let (a, b) = self.fit()?;
+        let share = a / n.max(1) as f64 + b;
+        (share > 0.0).then(|| (b / share).clamp(0.0, 1.0))
+    }
+}
+
 /// Expected tokens emitted by a step with `k` drafts when each draft is accepted independently
 /// with probability `a`: `(1 - a^(k+1)) / (1 - a)` (`k + 1` when `a == 1`).
 pub fn expected_tokens(a: f64, k: usize) -> f64 {
@@ -278,6 +339,34 @@ mod tests {
     /// Accepted count of a step drafting `k` tokens with per-token acceptance `a`.
     fn simulate(s: &mut Sampler, a: f64, k: usize) -> usize {
         (0..k).take_while(|_| s.uniform() < a).count()
+    }
+
+    #[test]
+    fn row_cost_model_fits_and_backs_off_with_batch_size() {
+        let mut m = RowCostModel::default();
+        assert!(m.draft_row_cost(1).is_none());
+        // t = 20 + 10 * rows.
+        for rows in [1, 2, 5, 9, 3, 1, 4] {
+            m.record(rows, 20.0 + 10.0 * rows as f64);
+        }
+        let (a, b) = m.fit().unwrap();
+        assert!(
+            (a - 20.0).abs() < 1e-6 && (b - 10.0).abs() < 1e-6,
+            "{a} {b}"
+        );
+        let alone = m.draft_row_cost(1).unwrap();
+        let busy = m.draft_row_cost(8).unwrap();
+        assert!((alone - 10.0 / 30.0).abs() < 1e-9);
+        assert!((busy - 10.0 / 12.5).abs() < 1e-9);
+        // One row count only: the prior slope.
+        let mut flat = RowCostModel::default();
+        flat.record(1, 30.0);
+        flat.record(1, 30.0);
+        let (a, b) = flat.fit().unwrap();
+        assert!(
+            (a + b - 30.0).abs() < 1e-9 && (b - 9.0).abs() < 1e-9,
+            "{a} {b}"
+        );
     }
 
     #[test]

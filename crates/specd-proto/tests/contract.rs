@@ -306,6 +306,7 @@ fn worker_stream_messages_round_trip() {
                     width: 2,
                     target_top: vec![4, 7, 5, 1, 9, 2],
                 }),
+                draft_row_cost: 0.25,
             },
         )),
     };

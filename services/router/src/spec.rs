@@ -184,6 +184,8 @@ pub async fn run(
         _ => SpecLenController::new(max_k, req.draft_len),
     };
     let mut feedback: Option<pb::StepFeedback> = None;
+    // The target's cost of one more verified row at its batch size, from its latest answer.
+    let mut row_cost: Option<f64> = None;
 
     let finish = loop {
         if out.len() >= req.max_new_tokens || history.len() >= context {
@@ -203,19 +205,34 @@ pub async fn run(
         let mut worker_ms = 0.0;
         let mut drafted_by_drafter = false;
         if let (Some(d), true) = (drafter.as_mut(), want > 0) {
-            let step_costs: Vec<f32> = if is_free(&d.kind) {
-                let hop = if seeded {
-                    0.0
-                } else {
-                    kc.propose_ms.unwrap_or(0.0)
-                };
-                costs
-                    .relative_verify_costs(max_k, hop)
-                    .into_iter()
-                    .map(|c| c as f32)
-                    .collect()
-            } else {
-                Vec::new()
+            let step_costs: Vec<f32> = match (is_free(&d.kind), row_cost) {
+                (false, _) => Vec::new(),
+                // The target's own figure for a draft row at its current batch size, plus the
+                // propose round trip as a fraction of a plain step's.
+                (true, Some(rc)) if !seeded => {
+                    let hop = match (kc.propose_ms, kc.costs.verify_ms(0)) {
+                        (Some(p), Some(t0)) if t0 > 0.0 => p / t0,
+                        _ => 0.0,
+                    };
+                    (0..=max_k)
+                        .map(|j| {
+                            let extra = if j == 0 { 0.0 } else { hop };
+                            (1.0 + j as f64 * rc + extra) as f32
+                        })
+                        .collect()
+                }
+                (true, _) => {
+                    let hop = if seeded {
+                        0.0
+                    } else {
+                        kc.propose_ms.unwrap_or(0.0)
+                    };
+                    costs
+                        .relative_verify_costs(max_k, hop)
+                        .into_iter()
+                        .map(|c| c as f32)
+                        .collect()
+                }
             };
             let t = Instant::now();
             match d.propose(&history, want, step_costs, feedback.take()).await {
@@ -270,6 +287,9 @@ pub async fn run(
             }
         }
         feedback = result.feedback;
+        if result.draft_row_cost > 0.0 {
+            row_cost = Some(f64::from(result.draft_row_cost));
+        }
         if k > 0 {
             controller.record(k, accepted);
             stats.drafted += k as u64;

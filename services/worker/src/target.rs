@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
-use specd_core::{verify, verify_greedy, Sampler, SamplingParams, SparseDist};
+use specd_core::{verify, verify_greedy, RowCostModel, Sampler, SamplingParams, SparseDist};
 use specd_engine::speculate::top_ids;
 use specd_engine::{KvCache, LogitsWanted, Model, SeqInput};
 use specd_proto::internal::v1 as pb;
@@ -124,6 +124,8 @@ struct Engine {
     prefill_chunk: usize,
     /// Prefills in progress, oldest first.
     prefilling: VecDeque<Prefill>,
+    /// Forward time against rows fed, for the cost of a draft row at the current batch size.
+    row_costs: RowCostModel,
 }
 
 impl Engine {
@@ -134,6 +136,7 @@ impl Engine {
             max_batch_tokens: limits.max_batch_tokens.max(1),
             prefill_chunk: limits.prefill_chunk.max(1),
             prefilling: VecDeque::new(),
+            row_costs: RowCostModel::default(),
         }
     }
 
@@ -312,6 +315,13 @@ impl Engine {
         };
         let vocab = self.model.config().vocab;
         let batch_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let fed: usize = work.iter().map(|w| w.feed.len()).sum();
+        self.row_costs.record(fed, batch_ms);
+        let decoding = work
+            .iter()
+            .filter(|w| matches!(w.job, Job::Step { .. }))
+            .count();
+        let row_cost = self.row_costs.draft_row_cost(decoding).unwrap_or(0.0) as f32;
         let mut unfinished = Vec::new();
         metrics::histogram!("specd_worker_step_seconds", "role" => "target")
             .record(batch_ms / 1000.0);
@@ -335,7 +345,10 @@ impl Engine {
                     reply,
                 } => {
                     let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
-                    let r = decide(&mut seq, &drafts, &q, &rows, width, batch_ms);
+                    let r = decide(&mut seq, &drafts, &q, &rows, width, batch_ms).map(|mut r| {
+                        r.draft_row_cost = row_cost;
+                        r
+                    });
                     seq.tokens.extend_from_slice(&drafts);
                     let _ = reply.send(r);
                     self.seqs.insert(id, seq);
@@ -473,6 +486,7 @@ fn decide(
         emitted: verdict.emitted(drafts),
         verify_ms: batch_ms,
         feedback,
+        draft_row_cost: 0.0,
     })
 }
 
