@@ -184,7 +184,8 @@ pub async fn run(
         _ => SpecLenController::new(max_k, req.draft_len),
     };
     let mut feedback: Option<pb::StepFeedback> = None;
-    // The target's cost of one more verified row at its batch size, from its latest answer.
+    // The target's cost of one more verified row at its batch size, from its latest answer (`None`
+    // while this sequence has the target to itself: its own round trips measure that curve).
     let mut row_cost: Option<f64> = None;
 
     let finish = loop {
@@ -279,7 +280,11 @@ pub async fn run(
         };
         let verify_rtt = t.elapsed().as_secs_f64() * 1000.0;
         worker_ms += result.verify_ms;
-        kc.costs.record_verify(k, verify_rtt);
+        // Round trips measure this sequence's own cost curve only while it has the target to itself;
+        // in a shared batch they time everyone's rows, and the target reports the row cost instead.
+        if result.draft_row_cost == 0.0 {
+            kc.costs.record_verify(k, verify_rtt);
+        }
         let accepted = result.accepted as usize;
         if let Some(d) = drafter.as_mut() {
             if drafted_by_drafter {
@@ -287,9 +292,7 @@ pub async fn run(
             }
         }
         feedback = result.feedback;
-        if result.draft_row_cost > 0.0 {
-            row_cost = Some(f64::from(result.draft_row_cost));
-        }
+        row_cost = (result.draft_row_cost > 0.0).then(|| f64::from(result.draft_row_cost));
         if k > 0 {
             controller.record(k, accepted);
             stats.drafted += k as u64;

@@ -321,7 +321,13 @@ impl Engine {
             .iter()
             .filter(|w| matches!(w.job, Job::Step { .. }))
             .count();
-        let row_cost = self.row_costs.draft_row_cost(decoding).unwrap_or(0.0) as f32;
+        // Alone in its batch, a sequence's own round trips give the router the exact (convex) cost
+        // curve; the fitted line is for sharing a batch, where round trips cannot tell its rows apart.
+        let row_cost = if decoding > 1 {
+            self.row_costs.draft_row_cost(decoding).unwrap_or(0.0) as f32
+        } else {
+            0.0
+        };
         let mut unfinished = Vec::new();
         metrics::histogram!("specd_worker_step_seconds", "role" => "target")
             .record(batch_ms / 1000.0);
