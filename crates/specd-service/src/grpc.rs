@@ -17,6 +17,18 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)>
     Ok((listener, bound))
 }
 
+/// Marks `service` and the whole server (the empty service name) SERVING or NOT_SERVING.
+pub async fn set_serving(health: &HealthReporter, service: &str, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for name in ["", service] {
+        health.set_service_status(name, status).await;
+    }
+}
+
 /// Adds health checking and reflection to a server router; returns the health reporter, with which the
 /// service marks itself SERVING or NOT_SERVING.
 pub fn add_common(router: Router) -> anyhow::Result<(Router, HealthReporter)> {

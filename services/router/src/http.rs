@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -511,7 +511,7 @@ async fn models(State(router): State<Arc<Router>>) -> Json<Value> {
 }
 
 /// 200 while the router takes requests and has a target to place them on, 503 otherwise.
-async fn health(State(router): State<Arc<Router>>, _: HeaderMap) -> Response {
+async fn health(State(router): State<Arc<Router>>) -> Response {
     let targets = router
         .pool
         .workers(specd_coord::Role::Target)

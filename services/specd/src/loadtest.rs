@@ -147,7 +147,7 @@ async fn one(
         Ok(None) => *s.errors.entry("NO_FINISH".into()).or_default() += 1,
         Err(e) => {
             *s.errors
-                .entry(crate::serve::code_label(e.code()).into())
+                .entry(specd_router::core::code_name(e.code()).into())
                 .or_default() += 1
         }
     }

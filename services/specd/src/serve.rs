@@ -424,11 +424,7 @@ pub(crate) async fn start_router(
     )
     .await
     .context("registering the router")?;
-    for name in ["", specd_worker::health_name(Role::Router)] {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    specd_service::grpc::set_serving(&health, specd_worker::health_name(Role::Router), true).await;
     let stop = Shutdown::new();
     let grpc_task = {
         let stop = stop.clone();
@@ -480,11 +476,8 @@ pub(crate) async fn start_router(
             }
         }
         tracing::info!("router draining");
-        for name in ["", specd_worker::health_name(Role::Router)] {
-            health
-                .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                .await;
-        }
+        specd_service::grpc::set_serving(&health, specd_worker::health_name(Role::Router), false)
+            .await;
         let _ = registration.deregister().await;
         let left = drain.drain(drain_deadline).await;
         if left > 0 {
@@ -636,6 +629,8 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             let (models, kinds) =
                 drafter_models(&args.drafter_kinds, preset, &args.model, &target, true)?;
             let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+            // The workers stop only once the router has drained (see below).
+            let workers = Shutdown::new();
             let mut svc_args = args.service.clone();
             svc_args.instance_id = None;
             svc_args.advertise_addr = None;
@@ -646,7 +641,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 args.capacity,
                 BatchLimits::default(),
                 store.clone(),
-                shutdown.child(),
+                workers.clone(),
             )
             .await?;
             let id = identity(&target, instance_id(&svc_args, Role::Drafter));
@@ -657,7 +652,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 loopback,
                 64,
                 store.clone(),
-                shutdown.child(),
+                workers.clone(),
             )
             .await?;
             let r = start_router(
@@ -683,14 +678,10 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             println!("Ctrl-C to stop.");
             // The router drains first (in-flight requests need the workers), then the workers stop.
             let routed = wait(r.task).await;
+            workers.trigger();
             let _ = wait(d.task).await;
             let _ = wait(t.task).await;
             routed
         },
     )
-}
-
-/// A gRPC code as a short label (`OK`, `UNAVAILABLE`, ...).
-pub(crate) fn code_label(code: tonic::Code) -> &'static str {
-    specd_router::core::code_name(code)
 }

@@ -109,12 +109,7 @@ pub async fn serve_worker(
     let (listener, bound) = specd_service::grpc::bind(opts.grpc_addr).await?;
     let advertised = advertise_addr(bound, opts.advertise.as_deref());
     record.address = advertised.clone();
-    health
-        .set_service_status(health_name, tonic_health::ServingStatus::Serving)
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    specd_service::grpc::set_serving(&health, health_name, true).await;
     let registration = Registration::register(opts.store.clone(), record.clone(), opts.lease_ttl)
         .await
         .map_err(|e| anyhow::anyhow!("registering {} in the coordination store: {e}", record.id))?;
@@ -152,12 +147,7 @@ pub async fn serve_worker(
             }
         }
         tracing::info!(role = %role, "draining");
-        health
-            .set_service_status(health_name, tonic_health::ServingStatus::NotServing)
-            .await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        specd_service::grpc::set_serving(&health, health_name, false).await;
         if let Err(e) = registration.deregister().await {
             tracing::warn!(error = %e, "deregistering failed; the lease will expire instead");
         }

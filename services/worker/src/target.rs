@@ -254,10 +254,11 @@ impl Engine {
             self.prefilling.retain(|p| p.id != seq);
         }
         // A one-token prompt has nothing to prefill.
-        while let Some(i) = self.prefilling.iter().position(|p| p.remaining() == 0) {
-            if let Some(p) = self.prefilling.remove(i) {
-                self.finish_prefill(p.id, p.seq, p.reply);
-            }
+        let (ready, waiting): (VecDeque<_>, _) =
+            self.prefilling.drain(..).partition(|p| p.remaining() == 0);
+        self.prefilling = waiting;
+        for p in ready {
+            self.finish_prefill(p.id, p.seq, p.reply);
         }
         let used: usize = work.iter().map(|w| w.feed.len()).sum();
         if !self.prefilling.is_empty() {
@@ -351,10 +352,7 @@ impl Engine {
                     reply,
                 } => {
                     let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
-                    let r = decide(&mut seq, &drafts, &q, &rows, width, batch_ms).map(|mut r| {
-                        r.draft_row_cost = row_cost;
-                        r
-                    });
+                    let r = decide(&mut seq, &drafts, &q, &rows, width, batch_ms, row_cost);
                     seq.tokens.extend_from_slice(&drafts);
                     let _ = reply.send(r);
                     self.seqs.insert(id, seq);
@@ -457,6 +455,7 @@ fn decide(
     rows: &[&[f32]],
     width: usize,
     batch_ms: f64,
+    draft_row_cost: f32,
 ) -> Result<pb::verify_response::StepResult, Status> {
     let verdict = if seq.params.is_greedy() {
         let argmax: Vec<u32> = rows.iter().map(|r| specd_core::argmax(r)).collect();
@@ -492,7 +491,7 @@ fn decide(
         emitted: verdict.emitted(drafts),
         verify_ms: batch_ms,
         feedback,
-        draft_row_cost: 0.0,
+        draft_row_cost,
     })
 }
 
