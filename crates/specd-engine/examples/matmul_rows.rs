@@ -1,5 +1,5 @@
-//! Prints, per weight format and shape of a model, the time of one matmul over m = 1..=4 activation rows:
-//! where a verify step's extra rows go. Usage: matmul_rows MODEL.gguf
+//! Prints, per weight format and shape of a model, the time of one matmul over m = 1, 2, 4, 8 activation
+//! rows and the multiply rate of the extra rows: where a verify step's extra rows go. Usage: matmul_rows MODEL.gguf
 use std::time::Instant;
 
 use specd_engine::load_gguf;
@@ -22,15 +22,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("down", &l.w_down),
         ("head", head),
     ];
-    println!("weight  format  n x k          m=1 ms   m=2 x   m=3 x   m=4 x");
+    println!(
+        "weight  format  n x k          m=1 ms   m=2 x   m=4 x   m=8 x  GMAC/s per extra row (m=8)"
+    );
     for (name, q) in named {
         let k = q.cols();
         let mut times = Vec::new();
-        for m in 1..=4usize {
+        for m in [1usize, 2, 4, 8] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
                 .collect();
-            let reps = if name == "head" { 5 } else { 40 };
+            let reps = if name == "head" { 5 } else { 100 };
             q.matmul(&x, m);
             let t = Instant::now();
             for _ in 0..reps {
@@ -39,14 +41,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             times.push(t.elapsed().as_secs_f64() * 1000.0 / reps as f64);
         }
         println!(
-            "{name:<7} {:<7} {:>6} x {:<6} {:>7.3} {:>7.2} {:>7.2} {:>7.2}",
+            "{name:<7} {:<7} {:>6} x {:<6} {:>7.3} {:>7.2} {:>7.2} {:>7.2}  {:>7.0}",
             q.dtype_name(),
             q.rows(),
             k,
             times[0],
             times[1] / times[0],
             times[2] / times[0],
-            times[3] / times[0]
+            times[3] / times[0],
+            (7 * q.rows() * k) as f64 / ((times[3] - times[0]) * 1e6)
         );
     }
     Ok(())

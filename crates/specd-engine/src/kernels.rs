@@ -1,23 +1,38 @@
-//! Multi-row quantized dot-product kernels (x86-64 AVX2 + FMA): one weight column against up to R
-//! activation rows, decoding each weight block once for all of them.
+//! Multi-row quantized dot-product kernels (x86-64 AVX2 + FMA, and AVX-512 VNNI where the CPU has it):
+//! one weight column against up to R activation rows, decoding each weight block once for all of them.
 //!
-//! These follow candle's single-row AVX2 kernels (`vec_dot_q4k_q8k`, `vec_dot_q6k_q8k`,
-//! `vec_dot_q8_0_q8_0`) instruction for instruction *per row*: every row keeps its own accumulators and
+//! **Batch invariance** is the property every kernel here keeps: every row has its own accumulators and
 //! sees the same sequence of integer and floating-point operations whatever R is, so a row's result is
-//! bitwise the same computed alone or with others (and bitwise equal to candle's `vec_dot`, which the tests
-//! check). What is shared across rows is the work that depends only on the weights: unpacking nibbles,
-//! 6-bit scales and high bits. That is most of a verify step's extra cost on a CPU, so k+1 rows cost much
-//! less than k+1 single-row passes.
+//! bitwise the same computed alone or with others. What is shared across rows is the work that depends only
+//! on the weights: loading and unpacking nibbles, 6-bit scales and high bits. The choice of kernel depends
+//! on the CPU and the format, never on the row count, so on one machine the bits never change.
+//!
+//! The AVX2 kernels follow candle's single-row kernels (`vec_dot_q4k_q8k`, `vec_dot_q6k_q8k`,
+//! `vec_dot_q8_0_q8_0`) instruction for instruction per row, so they are also bitwise equal to candle's
+//! `vec_dot` (the tests check). Candle has no SIMD Q4_1 kernel: its scalar `vec_dot_q4_1_q8_1` sums each
+//! block in integers and then does a fixed sequence of f32 operations per block; the kernel here computes
+//! the same integer sums with AVX2 and then the same f32 operations in the same order, so it is bitwise
+//! equal too.
+//!
+//! The AVX-512 VNNI kernels (Q4_K, Q6_K: nearly all of the Qwen pair's weights) are built for the extra
+//! rows of a verify step, where the work is multiplies rather than memory: `vpdpbusd` sums four u8 x i8
+//! products per lane in one instruction, and Q4_K weights are stored with their nibbles reordered at load
+//! ([`Q4KVnni`]) so that each lane accumulates one sub-block and the scale is applied once per block.
+//! Their integer sums are exact but fall into different lanes than candle's, so their results differ
+//! from candle's in the last float bits (within float rounding; the tests check the bound and the row
+//! invariance). `SPECD_NO_AVX512=1` selects the AVX2 kernels.
+//!
+//! All kernels prefetch the weight stream a few KiB ahead of the block being decoded (the matrix is one
+//! contiguous stream per task), so the next weights arrive while the rows are multiplied: this took the
+//! Qwen 1.5B one-row forward from about 29 to 27 ms and a 4-row verify from 58 to 47 ms on this
+//! project's 2-core machine. `SPECD_PREFETCH=<bytes>` changes the distance (0 turns it off).
 //!
 //! Only the formats of the project's model files get a kernel (Q4_K, Q6_K, Q8_0 and so Q5_0, converted
 //! to Q8_0 at load, and Q4_1, SmolLM2's); `qweight.rs` falls back to candle's `vec_dot` for the others and
-//! on CPUs without AVX2. Candle has no SIMD Q4_1 kernel: its scalar `vec_dot_q4_1_q8_1` sums each block in
-//! integers and then does a fixed sequence of f32 operations per block; the kernel here computes the same
-//! integer sums with AVX2 and then the same f32 operations in the same order, so it is bitwise equal too.
-//! The choice depends on the CPU and the format, never on the row count.
+//! on CPUs without AVX2.
 
 use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1,
+    BlockQ4K, BlockQ4_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
 };
 
 /// Mirrors of candle's block layouts (its fields are crate-private); sizes are checked below.
@@ -77,9 +92,8 @@ const _: () = assert!(std::mem::align_of::<Q6K>() == std::mem::align_of::<BlockQ
 const _: () = assert!(std::mem::align_of::<Q8K>() == std::mem::align_of::<BlockQ8K>());
 const _: () = assert!(std::mem::align_of::<Q80>() == std::mem::align_of::<BlockQ8_0>());
 
-/// Whether the AVX-512 VNNI variants (Q4_K, Q6_K) can run on this CPU (checked once). They produce the
-/// same bits as the AVX2 ones: integer partial sums are exact and are folded into the same eight lanes
-/// before the first floating-point operation.
+/// Whether the AVX-512 VNNI kernels (Q4_K, Q6_K) are used on this CPU (checked once; `SPECD_NO_AVX512`
+/// turns them off). Q4_K weights are loaded in [`Q4KVnni`] order when this is true.
 pub fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -114,8 +128,11 @@ pub fn available() -> bool {
 }
 
 /// A weight format with a multi-row kernel.
-pub trait MultiRow: Sized {
-    type Act;
+pub trait MultiRow: Sized + Sync {
+    /// Weights per block (along k).
+    const BLOCK: usize;
+    /// The quantized activation block it multiplies with.
+    type Act: GgmlType + Sync;
     /// Rewrites quantized activation rows, once per matmul, into the form `dot_rows` reads (work that
     /// would otherwise be redone for every weight column). The rows are only fit for `dot_rows` after.
     fn prepare(_acts: &mut [Self::Act]) {}
@@ -123,9 +140,11 @@ pub trait MultiRow: Sized {
     fn dot_rows(w: &[Self], ys: &[&[Self::Act]], out: &mut [f32]);
 }
 
-/// Rows per kernel call: enough to share the weight decoding, few enough to keep accumulators in
-/// registers.
+/// Rows per AVX2 kernel call: enough to share the weight decoding, few enough to keep accumulators in
+/// the 16 AVX2 registers.
 const ROWS: usize = 4;
+/// Rows per AVX-512 kernel call (32 registers).
+const ROWS_512: usize = 8;
 
 macro_rules! dispatch_rows {
     ($kernel:ident, $mirror:ty, $w:expr, $ys:expr, $out:expr) => {{
@@ -152,6 +171,36 @@ macro_rules! dispatch_rows {
     }};
 }
 
+/// As `dispatch_rows!` with groups of up to [`ROWS_512`] rows, for the AVX-512 kernels.
+macro_rules! dispatch_rows_512 {
+    ($kernel:ident, $mirror:ty, $w:expr, $ys:expr, $out:expr) => {{
+        let (w, ys, out) = ($w, $ys, $out);
+        let c = |r: usize| -> &[$mirror] { cast(ys[r]) };
+        let groups = ys.len().div_ceil(ROWS_512);
+        let mut r = 0;
+        for g in 0..groups {
+            let n = (ys.len() - r) / (groups - g);
+            let o = &mut out[r..r + n];
+            // SAFETY: callers check `vnni()`; slices are the mirrored layouts of the blocks they came
+            // from, and every row has as many blocks as the weight column.
+            unsafe {
+                match n {
+                    8 => $kernel::<8>(w, std::array::from_fn(|i| c(r + i)), o),
+                    7 => $kernel::<7>(w, std::array::from_fn(|i| c(r + i)), o),
+                    6 => $kernel::<6>(w, std::array::from_fn(|i| c(r + i)), o),
+                    5 => $kernel::<5>(w, std::array::from_fn(|i| c(r + i)), o),
+                    4 => $kernel::<4>(w, std::array::from_fn(|i| c(r + i)), o),
+                    3 => $kernel::<3>(w, std::array::from_fn(|i| c(r + i)), o),
+                    2 => $kernel::<2>(w, std::array::from_fn(|i| c(r + i)), o),
+                    _ => $kernel::<1>(w, [c(r)], o),
+                }
+            }
+            r += n;
+        }
+        debug_assert_eq!(r, ys.len());
+    }};
+}
+
 fn cast_mut<A, B>(s: &mut [A]) -> &mut [B] {
     debug_assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
     // SAFETY: as `cast`; every bit pattern is valid for these plain-old-data blocks.
@@ -165,31 +214,123 @@ fn cast<A, B>(s: &[A]) -> &[B] {
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const B, s.len()) }
 }
 
+/// Folds Q8_K's 16 sums of 16 activations into 8 sums of 32 (first half of `bsums`, wrapping i16 adds
+/// exactly like `_mm_hadd_epi16`): the Q4_K mins term needs only those.
+fn fold_bsums(y: &mut Q8K) {
+    for s in 0..8 {
+        y.bsums[s] = y.bsums[2 * s].wrapping_add(y.bsums[2 * s + 1]);
+    }
+}
+
 impl MultiRow for BlockQ4K {
+    const BLOCK: usize = 256;
     type Act = BlockQ8K;
-    /// Replaces each block's 16 sums of 16 activations by 8 sums of 32 (first half of `bsums`, wrapping
-    /// i16 adds exactly like `_mm_hadd_epi16`): the mins term needs only those.
+    fn prepare(acts: &mut [BlockQ8K]) {
+        cast_mut::<_, Q8K>(acts).iter_mut().for_each(fold_bsums);
+    }
+    fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
+        dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(w), ys, out)
+    }
+}
+
+/// A Q4_K block whose 256 nibbles are reordered for the AVX-512 VNNI kernel (same 144 bytes, same
+/// values): in each 64-weight vector `t` (low then high nibbles of each 64-byte half), 32-bit lane `L`
+/// holds four weights of sub-block `L % 8`. One `vpdpbusd` per vector then accumulates 16 products of a
+/// single sub-block per lane, and the sub-block scale is applied once per block instead of once per
+/// vector (5 multiplies per row and block instead of 8). The activations get the same order in
+/// [`MultiRow::prepare`].
+#[repr(transparent)]
+#[derive(Clone)]
+pub struct Q4KVnni(BlockQ4K);
+
+/// Original weight index (0..256) of position `np = 64 t + p` in the VNNI order.
+const fn q4k_vnni_source(np: usize) -> usize {
+    let (t, p) = (np / 64, np % 64);
+    let (sub, half, byte) = ((p / 4) % 8, p / 32, p % 4);
+    32 * sub + 8 * t + 4 * half + byte
+}
+
+const Q4K_VNNI_ORDER: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = q4k_vnni_source(i) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The 256 weights of a Q4_K block in natural order (0..16 each).
+fn q4k_nibbles(x: &Q4K) -> [u8; 256] {
+    let mut q = [0u8; 256];
+    for (i, v) in q.iter_mut().enumerate() {
+        let (sub, o) = (i / 32, i % 32);
+        let byte = x.qs[32 * (sub / 2) + o];
+        *v = if sub % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+    }
+    q
+}
+
+impl Q4KVnni {
+    /// Reorders a block's nibbles (exact: a permutation).
+    pub fn from_block(block: &BlockQ4K) -> Self {
+        let mut out = block.clone();
+        let src: &Q4K = &cast(std::slice::from_ref(block))[0];
+        let q = q4k_nibbles(src);
+        let dst: &mut Q4K = &mut cast_mut(std::slice::from_mut(&mut out))[0];
+        for (b, byte) in dst.qs.iter_mut().enumerate() {
+            // Byte b of half c holds vector 2c (low nibble) and vector 2c + 1 (high nibble) at p.
+            let (c, p) = (b / 64, b % 64);
+            let lo = q[Q4K_VNNI_ORDER[128 * c + p] as usize];
+            let hi = q[Q4K_VNNI_ORDER[128 * c + 64 + p] as usize];
+            *byte = lo | (hi << 4);
+        }
+        Self(out)
+    }
+
+    /// The block in ggml's order.
+    pub fn to_block(&self) -> BlockQ4K {
+        let mut out = self.0.clone();
+        let src: &Q4K = &cast(std::slice::from_ref(&self.0))[0];
+        let mut q = [0u8; 256];
+        for (b, byte) in src.qs.iter().enumerate() {
+            let (c, p) = (b / 64, b % 64);
+            q[Q4K_VNNI_ORDER[128 * c + p] as usize] = byte & 0x0f;
+            q[Q4K_VNNI_ORDER[128 * c + 64 + p] as usize] = byte >> 4;
+        }
+        let dst: &mut Q4K = &mut cast_mut(std::slice::from_mut(&mut out))[0];
+        for (b, byte) in dst.qs.iter_mut().enumerate() {
+            let (pair, o) = (b / 32, b % 32);
+            *byte = q[64 * pair + o] | (q[64 * pair + 32 + o] << 4);
+        }
+        out
+    }
+}
+
+impl MultiRow for Q4KVnni {
+    const BLOCK: usize = 256;
+    type Act = BlockQ8K;
     fn prepare(acts: &mut [BlockQ8K]) {
         for y in cast_mut::<_, Q8K>(acts) {
-            for s in 0..8 {
-                y.bsums[s] = y.bsums[2 * s].wrapping_add(y.bsums[2 * s + 1]);
+            fold_bsums(y);
+            let orig = y.qs;
+            for (v, &src) in y.qs.iter_mut().zip(Q4K_VNNI_ORDER.iter()) {
+                *v = orig[src as usize];
             }
         }
     }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-        if vnni() {
-            dispatch_rows!(q4k_rows_vnni, Q8K, cast::<_, Q4K>(w), ys, out)
-        } else {
-            dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(w), ys, out)
-        }
+        debug_assert!(vnni());
+        dispatch_rows_512!(q4k_rows_vnni, Q8K, cast::<_, Q4K>(w), ys, out)
     }
 }
 
 impl MultiRow for BlockQ6K {
+    const BLOCK: usize = 256;
     type Act = BlockQ8K;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
         if vnni() {
-            dispatch_rows!(q6k_rows_vnni, Q8K, cast::<_, Q6K>(w), ys, out)
+            dispatch_rows_512!(q6k_rows_vnni, Q8K, cast::<_, Q6K>(w), ys, out)
         } else {
             dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(w), ys, out)
         }
@@ -197,6 +338,7 @@ impl MultiRow for BlockQ6K {
 }
 
 impl MultiRow for BlockQ8_0 {
+    const BLOCK: usize = 32;
     type Act = BlockQ8_0;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
         dispatch_rows!(q8_0_rows, Q80, cast::<_, Q80>(w), ys, out)
@@ -204,6 +346,7 @@ impl MultiRow for BlockQ8_0 {
 }
 
 impl MultiRow for BlockQ4_1 {
+    const BLOCK: usize = 32;
     type Act = BlockQ8_1;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
         dispatch_rows!(q4_1_rows, Q81, cast::<_, Q41>(w), ys, out)
@@ -261,7 +404,9 @@ unsafe fn q4k_rows<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [f32])
     let m4 = _mm256_set1_epi8(0xF);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut acc_m = [_mm_setzero_ps(); R];
+    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
+        prefetch_ahead(x, ahead);
         let xd = f16_to_f32(x.d);
         let xdmin = f16_to_f32(x.dmin);
         let utmp = q4k_scales_mins(x);
@@ -360,7 +505,9 @@ fn q6k_unpack(x: &Q6K, j: usize) -> [__m256i; 4] {
 unsafe fn q6k_rows<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [f32]) {
     let m32s = _mm256_set1_epi8(32);
     let mut acc = [_mm256_setzero_ps(); R];
+    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
+        prefetch_ahead(x, ahead);
         let xd = f16_to_f32(x.d);
         // SAFETY: scales is 16 bytes.
         let scales = unsafe { _mm_loadu_si128(x.scales.as_ptr() as *const __m128i) };
@@ -446,6 +593,59 @@ fn q4k_scales_mins(x: &Q4K) -> [u32; 4] {
     utmp
 }
 
+/// Bytes ahead of the block being decoded that the kernels prefetch: far enough that the weight stream
+/// arrives while the rows are multiplied (the matrix is one contiguous stream per task, so this runs
+/// on into the next columns), near enough to stay in L1/L2.
+fn prefetch_distance() -> usize {
+    use std::sync::OnceLock;
+    static D: OnceLock<usize> = OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("SPECD_PREFETCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8192)
+    })
+}
+
+/// Prefetches the cache lines of `bytes` bytes starting `prefetch_distance()` past `block`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead<T>(block: &T, distance: usize) {
+    if distance == 0 {
+        return;
+    }
+    let p = (block as *const T as *const i8).wrapping_add(distance);
+    let size = std::mem::size_of::<T>();
+    let mut off = 0;
+    while off < size {
+        // SAFETY: prefetch is a hint and never faults, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
+        off += 64;
+    }
+}
+
+/// `vpdpbusd` written out: LLVM rewrites the intrinsic into `vpmaddubsw` + `vpmaddwd` when it can prove
+/// the unsigned operand small (our 4- and 6-bit weights), which is the two-multiply sequence this kernel
+/// exists to avoid.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dpbusd {
+    ($acc:expr, $u8s:expr, $i8s:expr) => {{
+        let mut acc: __m512i = $acc;
+        let (u, i): (__m512i, __m512i) = ($u8s, $i8s);
+        // SAFETY: register-only AVX-512 VNNI instruction; callers are compiled with avx512vnni.
+        unsafe {
+            std::arch::asm!(
+                "vpdpbusd {acc}, {u}, {i}",
+                acc = inout(zmm_reg) acc,
+                u = in(zmm_reg) u,
+                i = in(zmm_reg) i,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+        acc
+    }};
+}
+
 /// Folds a 16-lane integer accumulator into 8 lanes (lane i + lane i+8, exact), matching the AVX2 lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
@@ -453,33 +653,27 @@ fn fold16(v: __m512i) -> __m256i {
     _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
 }
 
-/// Q4_K x Q8_K for R rows with AVX-512 VNNI: 64 weights (two sub-blocks) per `vpdpbusd`.
+/// Q4_K (in [`Q4KVnni`] order) x Q8_K (prepared) for R rows with AVX-512 VNNI. Per row and block: four
+/// `vpdpbusd` (u4 x i8, 16 products of one sub-block per 32-bit lane; at most 16 * 15 * 128 = 30720, so
+/// the lane is also a valid i16), one `vpmaddwd` by the lane's sub-block scale, then the block's float
+/// step. Every row's operations are the same whatever R is.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 unsafe fn q4k_rows_vnni<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [f32]) {
-    let m4 = _mm256_set1_epi8(0xF);
+    let m4 = _mm512_set1_epi8(0xF);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut acc_m = [_mm_setzero_ps(); R];
+    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
+        prefetch_ahead(x, ahead);
         let xd = f16_to_f32(x.d);
         let xdmin = f16_to_f32(x.dmin);
         let utmp = q4k_scales_mins(x);
-        let sc: [u8; 16] = {
-            let mut t = [0u8; 16];
-            for (i, u) in utmp.iter().enumerate() {
-                t[4 * i..4 * i + 4].copy_from_slice(&u.to_le_bytes());
-            }
-            t
-        };
-        let mins = _mm256_extracti128_si256(
-            _mm256_cvtepu8_epi16(_mm_set_epi32(
-                utmp[3] as i32,
-                utmp[2] as i32,
-                utmp[1] as i32,
-                utmp[0] as i32,
-            )),
-            1,
-        );
+        let scales = (utmp[0] as u64 | ((utmp[1] as u64) << 32)) as i64;
+        let mins = (utmp[2] as u64 | ((utmp[3] as u64) << 32)) as i64;
+        // Lane L: the scale of sub-block L % 8 as an i16 pair (scale, 0).
+        let scale = _mm512_cvtepu8_epi32(_mm_set1_epi64x(scales));
+        let mins = _mm_cvtepu8_epi16(_mm_set1_epi64x(mins));
         for r in 0..R {
             let y = &ys[r][b];
             let dmin = -y.d * xdmin;
@@ -488,35 +682,41 @@ unsafe fn q4k_rows_vnni<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [
             let prod = _mm_madd_epi16(mins, q8s);
             acc_m[r] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[r]);
         }
-        let mut sumi = [_mm512_setzero_si512(); R];
-        for j in 0..4 {
-            // Lanes 0..7 carry sub-block 2j (low nibbles), lanes 8..15 sub-block 2j+1 (high nibbles).
-            let scale = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_set1_epi16(sc[2 * j] as i16)),
-                _mm256_set1_epi16(sc[2 * j + 1] as i16),
-            );
-            // SAFETY: qs has 128 bytes = 4 x 32.
-            let q4bits = unsafe { _mm256_loadu_si256(x.qs.as_ptr().add(32 * j) as *const __m256i) };
-            let q4 = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_and_si256(q4bits, m4)),
-                _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4),
-            );
+        // SAFETY: qs is 128 bytes = 2 x 64.
+        let (h0, h1) = unsafe {
+            (
+                _mm512_loadu_si512(x.qs.as_ptr() as *const _),
+                _mm512_loadu_si512(x.qs.as_ptr().add(64) as *const _),
+            )
+        };
+        let w = [
+            _mm512_and_si512(h0, m4),
+            _mm512_and_si512(_mm512_srli_epi16(h0, 4), m4),
+            _mm512_and_si512(h1, m4),
+            _mm512_and_si512(_mm512_srli_epi16(h1, 4), m4),
+        ];
+        // Two independent accumulators per row (vectors 0, 2 and 1, 3) halve the dependency chain; rows
+        // are interleaved so R chains run at once. The sum per lane stays within 16 products.
+        let mut even = [_mm512_setzero_si512(); R];
+        let mut odd = [_mm512_setzero_si512(); R];
+        for t in 0..2 {
             for r in 0..R {
+                let q8 = ys[r][b].qs.as_ptr();
                 // SAFETY: qs has 256 bytes = 4 x 64.
-                let q8 =
-                    unsafe { _mm512_loadu_si512(ys[r][b].qs.as_ptr().add(64 * j) as *const _) };
-                // u8 x i8 pairs to i16 (no saturation: 15 * 127 * 2 < 2^15), then scale and pair-sum into
-                // the i32 accumulator in one VNNI instruction.
-                sumi[r] = _mm512_dpwssd_epi32(sumi[r], scale, _mm512_maddubs_epi16(q4, q8));
+                let (y0, y1) = unsafe {
+                    (
+                        _mm512_loadu_si512(q8.add(128 * t) as *const _),
+                        _mm512_loadu_si512(q8.add(128 * t + 64) as *const _),
+                    )
+                };
+                even[r] = dpbusd!(even[r], w[2 * t], y0);
+                odd[r] = dpbusd!(odd[r], w[2 * t + 1], y1);
             }
         }
         for r in 0..R {
+            let p = _mm512_madd_epi16(_mm512_add_epi32(even[r], odd[r]), scale);
             let d = ys[r][b].d * xd;
-            acc[r] = _mm256_fmadd_ps(
-                _mm256_set1_ps(d),
-                _mm256_cvtepi32_ps(fold16(sumi[r])),
-                acc[r],
-            );
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(fold16(p)), acc[r]);
         }
     }
     for r in 0..R {
@@ -526,92 +726,79 @@ unsafe fn q4k_rows_vnni<const R: usize>(xs: &[Q4K], ys: [&[Q8K]; R], out: &mut [
     }
 }
 
-/// Q6_K x Q8_K for R rows with AVX-512 VNNI: two 32-value chunks per `vpdpbusd`.
+/// Q6_K x Q8_K for R rows with AVX-512 VNNI. Per 64 values and row: one `vpdpbusd` of the unsigned 6-bit
+/// values (0..64) with the activations (4 products per lane, at most 4 * 63 * 128 = 32256, a valid i16)
+/// and one `vpdpwssd` by the lane's 16-value scale; the `- 32` offset is taken once per block from the
+/// activations' sums of 16 (`32 * sum(scale * bsum)`). Every row's operations are the same whatever R is.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 unsafe fn q6k_rows_vnni<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [f32]) {
-    let m32s = _mm512_set1_epi8(32);
+    let low16 = _mm512_set1_epi32(0xFFFF);
     let mut acc = [_mm256_setzero_ps(); R];
+    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
+        prefetch_ahead(x, ahead);
         let xd = f16_to_f32(x.d);
-        let mut sumi = [_mm512_setzero_si512(); R];
+        // SAFETY: scales is 16 bytes.
+        let sc = unsafe { _mm_loadu_si128(x.scales.as_ptr() as *const __m128i) };
+        // Lane L of the vector holding chunks (2c, 2c + 1) of half j: scale 8j + 4c + L / 4, as an i16
+        // pair (scale, 0).
+        let lanes = |first: i8| {
+            let idx = _mm_setr_epi8(
+                first,
+                first,
+                first,
+                first,
+                first + 1,
+                first + 1,
+                first + 1,
+                first + 1,
+                first + 2,
+                first + 2,
+                first + 2,
+                first + 2,
+                first + 3,
+                first + 3,
+                first + 3,
+                first + 3,
+            );
+            _mm512_and_si512(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx)), low16)
+        };
+        let s = [lanes(0), lanes(4), lanes(8), lanes(12)];
+        let mut w = [_mm512_setzero_si512(); 4];
         for j in 0..2 {
-            let [q4_0, q4_1, q4_2, q4_3] = q6k_unpack(x, j);
-            let w01 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q4_0), q4_1);
-            let w23 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q4_2), q4_3);
-            // Scale of every 16 values: chunk c (32 values) has scales[8j + 2c] then [8j + 2c + 1]; as i16
-            // lanes, 8 per scale.
-            let sc = |c: usize, h: usize| x.scales[8 * j + 2 * c + h] as i16;
-            let lanes = |c0: usize, c1: usize| {
-                _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_setr_epi16(
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 0),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                        sc(c0, 1),
-                    )),
-                    _mm256_setr_epi16(
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 0),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                        sc(c1, 1),
-                    ),
-                )
-            };
-            let (s01, s23) = (lanes(0, 1), lanes(2, 3));
+            let [q0, q1, q2, q3] = q6k_unpack(x, j);
+            w[2 * j] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1);
+            w[2 * j + 1] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q2), q3);
+        }
+        let sc16 = _mm256_cvtepi8_epi16(sc);
+        // Rows interleaved and two accumulators per row, so R * 2 dependency chains run at once.
+        let mut even = [_mm512_setzero_si512(); R];
+        let mut odd = [_mm512_setzero_si512(); R];
+        for t in 0..2 {
             for r in 0..R {
                 let q8 = ys[r][b].qs.as_ptr();
-                // SAFETY: qs has 256 bytes = 2 x 128.
-                let (y01, y23) = unsafe {
+                // SAFETY: qs has 256 bytes = 4 x 64.
+                let (y0, y1) = unsafe {
                     (
-                        _mm512_loadu_si512(q8.add(128 * j) as *const _),
-                        _mm512_loadu_si512(q8.add(128 * j + 64) as *const _),
+                        _mm512_loadu_si512(q8.add(128 * t) as *const _),
+                        _mm512_loadu_si512(q8.add(128 * t + 64) as *const _),
                     )
                 };
-                // i16 pair sums of (q - 32) * y, exactly as the AVX2 kernel, then scaled into i32 lanes.
-                let p01 = _mm512_sub_epi16(
-                    _mm512_maddubs_epi16(w01, y01),
-                    _mm512_maddubs_epi16(m32s, y01),
-                );
-                let p23 = _mm512_sub_epi16(
-                    _mm512_maddubs_epi16(w23, y23),
-                    _mm512_maddubs_epi16(m32s, y23),
-                );
-                sumi[r] = _mm512_dpwssd_epi32(sumi[r], s01, p01);
-                sumi[r] = _mm512_dpwssd_epi32(sumi[r], s23, p23);
+                let p0 = dpbusd!(_mm512_setzero_si512(), w[2 * t], y0);
+                let p1 = dpbusd!(_mm512_setzero_si512(), w[2 * t + 1], y1);
+                even[r] = _mm512_dpwssd_epi32(even[r], p0, s[2 * t]);
+                odd[r] = _mm512_dpwssd_epi32(odd[r], p1, s[2 * t + 1]);
             }
         }
         for r in 0..R {
-            let d = ys[r][b].d * xd;
-            acc[r] = _mm256_fmadd_ps(
-                _mm256_broadcast_ss(&d),
-                _mm256_cvtepi32_ps(fold16(sumi[r])),
-                acc[r],
-            );
+            let y = &ys[r][b];
+            // SAFETY: bsums is 16 i16.
+            let bs = unsafe { _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i) };
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+            let total = _mm256_sub_epi32(fold16(_mm512_add_epi32(even[r], odd[r])), offset);
+            let d = y.d * xd;
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(total), acc[r]);
         }
     }
     for r in 0..R {
@@ -625,7 +812,9 @@ unsafe fn q6k_rows_vnni<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [
 unsafe fn q8_0_rows<const R: usize>(xs: &[Q80], ys: [&[Q80]; R], out: &mut [f32]) {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
+    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
+        prefetch_ahead(x, ahead);
         let xd = f16_to_f32(x.d);
         // SAFETY: qs is 32 bytes.
         let bx = unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
@@ -654,7 +843,9 @@ unsafe fn q4_1_rows<const R: usize>(xs: &[Q41], ys: [&[Q81]; R], out: &mut [f32]
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut sumf = [0f32; R];
+    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
+        prefetch_ahead(x, ahead);
         // SAFETY: qs is 16 bytes.
         let raw = unsafe { _mm_loadu_si128(x.qs.as_ptr() as *const __m128i) };
         // Low nibbles pair with activations 0..16, high nibbles with 16..32.
@@ -704,40 +895,123 @@ mod tests {
         out
     }
 
-    fn check<T: GgmlType + MultiRow<Act = T::VecDotType>>(dtype: GgmlDType) {
+    fn acts<A: GgmlType>(rows: usize, k: usize, seed: u64) -> Vec<Vec<A>> {
+        (0..rows)
+            .map(|r| {
+                let mut q: Vec<A> = (0..k / A::BLCK_SIZE).map(|_| A::zeros()).collect();
+                A::from_float(&random(k, seed + r as u64), &mut q);
+                q
+            })
+            .collect()
+    }
+
+    /// Runs `dot_rows` over 1..=9 rows; returns per row count the outputs (prepared copies of `acts`).
+    fn rows_out<T: MultiRow>(w: &[T], acts: &[Vec<T::Act>]) -> Vec<Vec<f32>>
+    where
+        T::Act: Clone,
+    {
+        (1..=acts.len())
+            .map(|rows| {
+                let mut prepared = acts[..rows].to_vec();
+                for p in prepared.iter_mut() {
+                    T::prepare(p);
+                }
+                let ys: Vec<&[T::Act]> = prepared.iter().map(|a| a.as_slice()).collect();
+                let mut out = vec![0f32; rows];
+                T::dot_rows(w, &ys, &mut out);
+                out
+            })
+            .collect()
+    }
+
+    /// Bitwise equal to candle's `vec_dot` for any row count (the AVX2 kernels and Q8_0 / Q4_1).
+    fn check<T: GgmlType + MultiRow<Act = T::VecDotType>>(dtype: GgmlDType)
+    where
+        T::VecDotType: Clone,
+    {
         if !available() {
             eprintln!("SKIP: no AVX2/FMA");
             return;
         }
         let k = 512;
         let w: Vec<T> = blocks(dtype, 1, k, 1);
-        for rows in 1..=9 {
-            let acts: Vec<Vec<T::VecDotType>> = (0..rows)
-                .map(|r| {
-                    let x = random(k, 100 + r as u64);
-                    let mut q: Vec<T::VecDotType> = (0..k / T::VecDotType::BLCK_SIZE)
-                        .map(|_| T::VecDotType::zeros())
-                        .collect();
-                    T::VecDotType::from_float(&x, &mut q);
-                    q
-                })
-                .collect();
-            let mut prepared = acts.clone();
-            for p in prepared.iter_mut() {
-                T::prepare(p);
-            }
-            let ys: Vec<&[T::VecDotType]> = prepared.iter().map(|a| a.as_slice()).collect();
-            let mut out = vec![0f32; rows];
-            T::dot_rows(&w, &ys, &mut out);
-            for r in 0..rows {
-                let want = T::vec_dot(k, &w, &acts[r]);
+        let a: Vec<Vec<T::VecDotType>> = acts(9, k, 100);
+        for (i, out) in rows_out(&w, &a).iter().enumerate() {
+            for (r, got) in out.iter().enumerate() {
+                let want = T::vec_dot(k, &w, &a[r]);
                 assert_eq!(
-                    out[r].to_bits(),
+                    got.to_bits(),
                     want.to_bits(),
-                    "{dtype:?} rows={rows} r={r}"
+                    "{dtype:?} rows={} r={r}",
+                    i + 1
                 );
             }
         }
+    }
+
+    /// A kernel whose integer lanes differ from candle's: every row bitwise the same whatever the row
+    /// count, and within float rounding of candle's `vec_dot` (relative to the sum of the terms'
+    /// magnitudes). `reference` is the same weights in candle's layout.
+    fn check_invariant_and_close<T, C>(w: &[T], reference: &[C], k: usize)
+    where
+        T: MultiRow<Act = BlockQ8K>,
+        C: GgmlType<VecDotType = BlockQ8K>,
+    {
+        let a: Vec<Vec<BlockQ8K>> = acts(9, k, 300);
+        let alone: Vec<f32> = a
+            .iter()
+            .map(|one| rows_out(w, std::slice::from_ref(one))[0][0])
+            .collect();
+        for (i, out) in rows_out(w, &a).iter().enumerate() {
+            for (r, got) in out.iter().enumerate() {
+                assert_eq!(got.to_bits(), alone[r].to_bits(), "rows={} r={r}", i + 1);
+            }
+        }
+        let mut wf = vec![0f32; k];
+        C::to_float(reference, &mut wf);
+        for (r, got) in alone.iter().enumerate() {
+            let mut yf = vec![0f32; k];
+            BlockQ8K::to_float(&a[r], &mut yf);
+            let magnitude: f32 = wf.iter().zip(&yf).map(|(x, y)| (x * y).abs()).sum();
+            let want = C::vec_dot(k, reference, &a[r]);
+            assert!(
+                (got - want).abs() <= 1e-5 * magnitude,
+                "r={r}: {got} vs candle {want} (magnitude {magnitude})"
+            );
+        }
+    }
+
+    #[test]
+    fn q4k_vnni_order_round_trips_and_kernel_is_row_invariant() {
+        let k = 1024;
+        let w: Vec<BlockQ4K> = blocks(GgmlDType::Q4K, 1, k, 5);
+        let v: Vec<Q4KVnni> = w.iter().map(Q4KVnni::from_block).collect();
+        let back: Vec<BlockQ4K> = v.iter().map(Q4KVnni::to_block).collect();
+        let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+        BlockQ4K::to_float(&w, &mut a);
+        BlockQ4K::to_float(&back, &mut b);
+        assert_eq!(a, b);
+        let mut seen = [false; 256];
+        for &i in Q4K_VNNI_ORDER.iter() {
+            assert!(!seen[i as usize], "position {i} twice");
+            seen[i as usize] = true;
+        }
+        if !vnni() {
+            eprintln!("SKIP kernel: no AVX-512 VNNI");
+            return;
+        }
+        check_invariant_and_close(&v, &w, k);
+    }
+
+    #[test]
+    fn q6k_vnni_kernel_is_row_invariant_and_close_to_candle() {
+        if !vnni() {
+            eprintln!("SKIP: no AVX-512 VNNI");
+            return;
+        }
+        let k = 1024;
+        let w: Vec<BlockQ6K> = blocks(GgmlDType::Q6K, 1, k, 6);
+        check_invariant_and_close(&w, &w, k);
     }
 
     /// The AVX2 kernels directly, whatever `vnni()` says, so both paths are covered on any machine.
@@ -787,6 +1061,10 @@ mod tests {
 
     #[test]
     fn q6k_matches_candle_bitwise_for_any_row_count() {
+        if vnni() {
+            eprintln!("SKIP: the VNNI kernel is checked by q6k_vnni_kernel_is_row_invariant_and_close_to_candle");
+            return;
+        }
         check::<BlockQ6K>(GgmlDType::Q6K);
     }
 

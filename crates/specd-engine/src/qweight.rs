@@ -4,9 +4,10 @@
 //! stores it: ggml quantized blocks along k, or plain f32. [`QWeight::matmul`] multiplies `m` activation
 //! rows by its transpose. It owns the property the whole engine rests on:
 //!
-//! **Batch invariance.** Every output element `(row, col)` is computed by exactly one call of candle's
-//! per-block dot product (`GgmlType::vec_dot`) on the row quantized by itself and the column's blocks, in
-//! an order that depends on nothing but the column index. So a row's result is bitwise the same whether it
+//! **Batch invariance.** Every output element `(row, col)` is computed by exactly one dot product (a
+//! multi-row kernel of `kernels.rs`, or candle's per-block `GgmlType::vec_dot` where none applies) on the
+//! row quantized by itself and the column's blocks, in an order that depends on nothing but the column
+//! index. So a row's result is bitwise the same whether it
 //! is multiplied alone, inside a verify of k+1 rows, or inside a batch of sequences, and whatever the
 //! thread count. candle's own `QMatMul` switches kernels with the row count (repacked tiles for m > 1,
 //! AMX for long prefills), which changes the rounding, so the engine does not use it.
@@ -30,7 +31,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::EngineError;
-use crate::kernels::{self, MultiRow};
+use crate::kernels::{self, MultiRow, Q4KVnni};
 
 /// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
 const COLS_PER_TASK: usize = 64;
@@ -50,6 +51,8 @@ pub enum QData {
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
     Q4K(Vec<BlockQ4K>),
+    /// Q4_K with its nibbles in the AVX-512 VNNI kernel's order (chosen at load on CPUs that have it).
+    Q4KVnni(Vec<Q4KVnni>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
 }
@@ -166,6 +169,12 @@ impl QWeight {
             GgmlDType::Q8_0 => QData::Q8_0(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q2K => QData::Q2K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q3K => QData::Q3K(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q4K if kernels::vnni() => QData::Q4KVnni(
+                blocks_from_bytes::<BlockQ4K>(bytes, count)?
+                    .iter()
+                    .map(Q4KVnni::from_block)
+                    .collect(),
+            ),
             GgmlDType::Q4K => QData::Q4K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q5K => QData::Q5K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q6K => QData::Q6K(blocks_from_bytes(bytes, count)?),
@@ -203,6 +212,7 @@ impl QWeight {
             QData::Q2K(v) => b(v),
             QData::Q3K(v) => b(v),
             QData::Q4K(v) => b(v),
+            QData::Q4KVnni(v) => b(v),
             QData::Q5K(v) => b(v),
             QData::Q6K(v) => b(v),
         }
@@ -219,7 +229,7 @@ impl QWeight {
             QData::Q8_0(_) => "q8_0",
             QData::Q2K(_) => "q2_k",
             QData::Q3K(_) => "q3_k",
-            QData::Q4K(_) => "q4_k",
+            QData::Q4K(_) | QData::Q4KVnni(_) => "q4_k",
             QData::Q5K(_) => "q5_k",
             QData::Q6K(_) => "q6_k",
         }
@@ -247,6 +257,14 @@ impl QWeight {
             QData::Q2K(v) => deq(v, row, self.k, out),
             QData::Q3K(v) => deq(v, row, self.k, out),
             QData::Q4K(v) => deq(v, row, self.k, out),
+            QData::Q4KVnni(v) => {
+                let per_row = self.k / 256;
+                let blocks: Vec<BlockQ4K> = v[row * per_row..(row + 1) * per_row]
+                    .iter()
+                    .map(Q4KVnni::to_block)
+                    .collect();
+                deq(&blocks, 0, self.k, out)
+            }
             QData::Q5K(v) => deq(v, row, self.k, out),
             QData::Q6K(v) => deq(v, row, self.k, out),
         }
@@ -269,6 +287,7 @@ impl QWeight {
             QData::Q3K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q4K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q4K(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q4KVnni(w) => matmul_multi(w, self.n, self.k, x, m),
             QData::Q5K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q6K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q6K(w) => matmul_blocks(w, self.n, self.k, x, m),
@@ -300,6 +319,7 @@ impl QWeight {
             QData::Q2K(v) => QData::Q2K(sel(v, k / 256, keep)),
             QData::Q3K(v) => QData::Q3K(sel(v, k / 256, keep)),
             QData::Q4K(v) => QData::Q4K(sel(v, k / 256, keep)),
+            QData::Q4KVnni(v) => QData::Q4KVnni(sel(v, k / 256, keep)),
             QData::Q5K(v) => QData::Q5K(sel(v, k / 256, keep)),
             QData::Q6K(v) => QData::Q6K(sel(v, k / 256, keep)),
         };
@@ -311,13 +331,13 @@ impl QWeight {
     }
 }
 
-/// Quantizes each activation row by itself to the weight type's dot-product type (row-independent by
-/// construction: the scale of a block depends on that block of that row alone).
-fn quantize_rows<T: GgmlType>(x: &[f32], m: usize, k: usize) -> Vec<T::VecDotType> {
-    let kb = k / T::BLCK_SIZE;
-    let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
+/// Quantizes each activation row by itself to block type `A` (row-independent by construction: the
+/// scale of a block depends on that block of that row alone).
+fn quantize_rows<A: GgmlType>(x: &[f32], m: usize, k: usize) -> Vec<A> {
+    let kb = k / A::BLCK_SIZE;
+    let mut xq: Vec<A> = (0..m * kb).map(|_| A::zeros()).collect();
     for r in 0..m {
-        T::VecDotType::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
+        A::from_float(&x[r * k..(r + 1) * k], &mut xq[r * kb..(r + 1) * kb]);
     }
     xq
 }
@@ -327,7 +347,7 @@ fn quantize_rows<T: GgmlType>(x: &[f32], m: usize, k: usize) -> Vec<T::VecDotTyp
 /// alone).
 fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let kb = k / T::BLCK_SIZE;
-    let xq = quantize_rows::<T>(x, m, k);
+    let xq = quantize_rows::<T::VecDotType>(x, m, k);
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(COLS_PER_TASK * m)
@@ -370,14 +390,11 @@ fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) 
 
 /// Multi-row kernel path: the column's blocks are decoded once for up to four rows at a time
 /// (`kernels.rs`); per-row arithmetic is the same as `matmul_blocks`' `vec_dot`, bit for bit.
-fn matmul_multi<T>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32>
-where
-    T: GgmlType + MultiRow<Act = <T as GgmlType>::VecDotType>,
-{
-    let kb = k / T::BLCK_SIZE;
-    let mut xq = quantize_rows::<T>(x, m, k);
+fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let kb = k / T::BLOCK;
+    let mut xq = quantize_rows::<T::Act>(x, m, k);
     T::prepare(&mut xq);
-    let rows: Vec<&[T::VecDotType]> = xq.chunks_exact(kb).collect();
+    let rows: Vec<&[T::Act]> = xq.chunks_exact(kb).collect();
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(COLS_PER_TASK * m)
