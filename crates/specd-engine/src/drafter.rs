@@ -5,7 +5,8 @@
 //!   self-drafter: the target's own first N layers plus its final norm and LM head (`Model::truncated`).
 //! - [`NgramDrafter`], model-free and nearly free: prompt lookup (the continuation of the latest earlier
 //!   occurrence of the context's suffix n-gram) and token recycling (an adjacency table of the target's
-//!   own top candidates after each token, refreshed from every verify; Token Recycling, Luo et al.).
+//!   own top candidates after each token, refreshed from every verify; Token Recycling, Luo et al.), and an
+//!   aligned copy that survives edits (`Align`): what makes edit-shaped code requests fast.
 //!
 //! A drafter keeps its own per-sequence state in sync with the token history it is handed, so the caller
 //! never has to replay rollbacks into it: it finds the common prefix with what it has seen and rolls back
@@ -246,20 +247,45 @@ enum Source {
     LookupOne = 3,
     /// Token recycling.
     Recycle = 4,
+    /// An aligned copy that is going on (see [`Align`]).
+    Anchor = 5,
+    /// The source right after the token the output just replaced: a one-token substitution.
+    Resume = 6,
+    /// The source from the token the output diverged at: text was inserted before it.
+    Insert = 7,
 }
 
-const SOURCES: usize = 5;
+const SOURCES: usize = 8;
 
 /// Prior acceptance per source of the first token it drafts in a proposal, and of each further token
 /// once the ones before were accepted (a copy that has started tends to go on).
-const FIRST_PRIOR: [f64; SOURCES] = [0.8, 0.6, 0.45, 0.3, 0.3];
-const CONTINUE_PRIOR: [f64; SOURCES] = [0.9, 0.8, 0.7, 0.6, 0.4];
+const FIRST_PRIOR: [f64; SOURCES] = [0.8, 0.6, 0.45, 0.2, 0.3, 0.8, 0.35, 0.2];
+const CONTINUE_PRIOR: [f64; SOURCES] = [0.9, 0.8, 0.7, 0.6, 0.4, 0.9, 0.85, 0.85];
+/// Shortest prompt-lookup match that starts an aligned copy.
+const ANCHOR_MIN_MATCH: usize = 4;
+/// How far past the divergence point an edited copy looks for the output's token to realign.
+const REALIGN_WINDOW: usize = 8;
+/// Output tokens after a divergence without realigning before the copy is given up.
+const MAX_EDIT: usize = 24;
+
+/// Where the output is copying from, for edit-shaped traffic (rename this, add types to that, show the
+/// whole result): the output is the source with local edits, so after an edit the best draft is the
+/// source just past it, which a suffix lookup cannot find (the edited text occurs nowhere earlier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Align {
+    /// Not copying.
+    None,
+    /// The next output token is expected to be `history[c]`.
+    Copying(usize),
+    /// The output left the source at `history[base]` `since` tokens ago.
+    Editing { base: usize, since: usize },
+}
 /// Assumed cost of one more verified position, in decode steps, until costs are measured.
 const DEFAULT_ROW_COST: f64 = 0.3;
 /// Relative gain over plain decoding a draft must promise before it is proposed.
 const DRAFT_MARGIN: f64 = 0.05;
 /// The margin of the `auto` drafter.
-const AUTO_MARGIN: f64 = 0.10;
+const AUTO_MARGIN: f64 = 0.15;
 /// Per-proposal pull of every source's estimate back toward its prior.
 const SOURCE_DECAY: f64 = 0.01;
 /// Weight of the newest observation in a source's acceptance average.
@@ -280,6 +306,21 @@ pub struct NgramDrafter {
     step_costs: Vec<f64>,
     /// Relative gain over plain decoding a draft must promise.
     margin: f64,
+    /// The copy the output is following, and how much of the history it has been updated with.
+    align: Align,
+    seen: usize,
+}
+
+/// A candidate draft of the n-gram drafter.
+#[derive(Default)]
+struct Chain {
+    tokens: Vec<u32>,
+    /// Source of each token and whether it continues its source's run.
+    tagged: Vec<(Source, bool)>,
+    /// Tokens worth proposing.
+    keep: usize,
+    /// Expected tokens per unit of verify cost of the kept prefix (1 + margin when none is kept).
+    gain: f64,
 }
 
 /// What the n-gram drafter learns from the target: the recycling table and the measured acceptance per
@@ -333,6 +374,8 @@ impl NgramDrafter {
             pending: Vec::new(),
             step_costs: Vec::new(),
             margin: DRAFT_MARGIN,
+            align: Align::None,
+            seen: 0,
         }
     }
 
@@ -347,23 +390,121 @@ impl NgramDrafter {
         };
     }
 
-    /// The continuation after the latest earlier occurrence of the longest matching suffix n-gram, and
-    /// the match length.
-    fn lookup(&self, history: &[u32], k: usize) -> (Vec<u32>, usize) {
+    /// Where the continuation of the latest earlier occurrence of the longest matching suffix n-gram starts, and the match length
+    /// (`(len, 0)` when nothing matches).
+    fn lookup_at(&self, history: &[u32]) -> (usize, usize) {
         let len = history.len();
         for n in (self.cfg.min_n..=self.cfg.max_n.min(len.saturating_sub(1))).rev() {
             let suffix = &history[len - n..];
             // Latest occurrence that ends before the suffix itself.
-            let found = (0..len - n).rev().find(|&s| &history[s..s + n] == suffix);
-            if let Some(s) = found {
-                let from = s + n;
-                let take = k.min(len - from);
-                if take > 0 {
-                    return (history[from..from + take].to_vec(), n);
-                }
+            if let Some(s) = (0..len - n).rev().find(|&s| &history[s..s + n] == suffix) {
+                return (s + n, n);
             }
         }
-        (Vec::new(), 0)
+        (len, 0)
+    }
+
+    /// Up to `k` tokens copied from `history[from..]` as `source`, then filled by recycling, and the prefix
+    /// with the best expected tokens per unit of verify cost: a draft of j tokens yields 1 + the sum of
+    /// P(first i accepted) tokens and costs `step_costs[j]` decode steps. A draft must beat plain decoding
+    /// by a margin that covers what the cost curve does not see (feedback bookkeeping, measurement
+    /// noise).
+    fn chain(
+        &self,
+        learned: &Learned,
+        history: &[u32],
+        from: usize,
+        source: Source,
+        k: usize,
+    ) -> Chain {
+        let mut tokens = history[from..(from + k).min(history.len())].to_vec();
+        let mut sources = vec![source; tokens.len()];
+        let mut last = *tokens.last().unwrap_or(&history[history.len() - 1]);
+        while tokens.len() < k {
+            match learned.table.get(&last).and_then(|c| c.first()) {
+                Some(&next) => {
+                    tokens.push(next);
+                    sources.push(Source::Recycle);
+                    last = next;
+                }
+                None => break,
+            }
+        }
+        let tagged: Vec<(Source, bool)> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i > 0 && sources[i - 1] == *s))
+            .collect();
+        let (mut p, mut expected, mut keep, mut gain) = (1.0, 1.0, 0, 1.0 + self.margin);
+        for (j, (s, continues)) in tagged.iter().enumerate() {
+            p *= if *continues {
+                learned.cont[*s as usize]
+            } else {
+                learned.first[*s as usize]
+            };
+            expected += p;
+            let cost = self
+                .step_costs
+                .get(j + 1)
+                .copied()
+                .unwrap_or(1.0 + DEFAULT_ROW_COST * (j + 1) as f64);
+            if expected / cost > gain {
+                gain = expected / cost;
+                keep = j + 1;
+            }
+        }
+        Chain {
+            tokens,
+            tagged,
+            keep,
+            gain,
+        }
+    }
+
+    /// Brings the copy alignment up to date with the tokens appended since the last call.
+    fn follow(&mut self, history: &[u32]) {
+        if history.len() < self.seen {
+            // Rolled back past what was followed: start over.
+            self.align = Align::None;
+            self.seen = history.len();
+            return;
+        }
+        // The first position of `x` in the source window `[from, from + REALIGN_WINDOW)` before `i`.
+        let realign = |from: usize, i: usize, x: u32| {
+            (from..(from + REALIGN_WINDOW).min(i))
+                .find(|&j| history[j] == x)
+                .map(|j| j + 1)
+        };
+        for (i, &x) in history.iter().enumerate().skip(self.seen) {
+            self.align = match self.align {
+                Align::Copying(c) if c >= i => Align::None,
+                Align::Copying(c) if history[c] == x => Align::Copying(c + 1),
+                // Skipped source tokens (a deletion), else an edit starts here.
+                Align::Copying(c) => realign(c + 1, i, x)
+                    .map_or(Align::Editing { base: c, since: 1 }, Align::Copying),
+                Align::Editing { base, since } => match realign(base, i, x) {
+                    Some(j) => Align::Copying(j),
+                    None if since < MAX_EDIT => Align::Editing {
+                        base,
+                        since: since + 1,
+                    },
+                    None => Align::None,
+                },
+                Align::None => Align::None,
+            };
+        }
+        self.seen = history.len();
+    }
+
+    /// The source position an aligned copy drafts from, and as which source.
+    fn anchor(&self, len: usize) -> Option<(usize, Source)> {
+        let (at, source) = match self.align {
+            Align::None => return None,
+            Align::Copying(c) => (c, Source::Anchor),
+            Align::Editing { base, since: 1 } => (base + 1, Source::Resume),
+            Align::Editing { base, .. } => (base, Source::Insert),
+        };
+        (at < len).then_some((at, source))
     }
 }
 
@@ -395,6 +536,8 @@ impl Drafter for NgramDrafter {
         }
         drop(learned);
         self.pending.clear();
+        self.align = Align::None;
+        self.seen = prompt.len();
         Ok(())
     }
 
@@ -409,7 +552,8 @@ impl Drafter for NgramDrafter {
         if k == 0 || history.is_empty() {
             return Ok(Proposal::default());
         }
-        let (mut tokens, n) = self.lookup(history, k);
+        self.follow(history);
+        let (from, n) = self.lookup_at(history);
         let lookup_source = match n {
             0 => Source::Recycle,
             1 => Source::LookupOne,
@@ -417,19 +561,12 @@ impl Drafter for NgramDrafter {
             3..=5 => Source::LookupLong,
             _ => Source::LookupCopy,
         };
-        let mut sources = vec![lookup_source; tokens.len()];
-        let mut last = *tokens.last().unwrap_or(&history[history.len() - 1]);
-        let mut learned = self.learned.lock();
-        while tokens.len() < k {
-            match learned.table.get(&last).and_then(|c| c.first()) {
-                Some(&next) => {
-                    tokens.push(next);
-                    sources.push(Source::Recycle);
-                    last = next;
-                }
-                None => break,
-            }
+        let anchored = self.anchor(history.len());
+        if n >= ANCHOR_MIN_MATCH && !matches!(self.align, Align::Copying(_)) {
+            // A long enough match starts (or re-finds) an aligned copy that survives the edits to come.
+            self.align = Align::Copying(from);
         }
+        let mut learned = self.learned.lock();
         // Estimates drift back toward the priors while unused, so a source that was switched off is
         // tried again now and then instead of never.
         for (a, prior) in learned.first.iter_mut().zip(FIRST_PRIOR) {
@@ -438,38 +575,26 @@ impl Drafter for NgramDrafter {
         for (a, prior) in learned.cont.iter_mut().zip(CONTINUE_PRIOR) {
             *a += SOURCE_DECAY * (prior - *a);
         }
-        let tagged: Vec<(Source, bool)> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (*s, i > 0 && sources[i - 1] == *s))
-            .collect();
-        // Keep the prefix with the best expected tokens per unit of verify cost: a draft of j tokens
-        // yields 1 + sum of P(first i accepted) tokens and costs step_costs[j] decode steps.
-        // A draft must beat plain decoding by a margin that covers what the cost curve does not see
-        // (feedback bookkeeping, measurement noise).
-        let (mut p, mut expected, mut keep, mut best) = (1.0, 1.0, 0, 1.0 + self.margin);
-        for (j, (s, continues)) in tagged.iter().enumerate() {
-            p *= if *continues {
-                learned.cont[*s as usize]
-            } else {
-                learned.first[*s as usize]
-            };
-            expected += p;
-            let cost = self
-                .step_costs
-                .get(j + 1)
-                .copied()
-                .unwrap_or(1.0 + DEFAULT_ROW_COST * (j + 1) as f64);
-            if expected / cost > best {
-                best = expected / cost;
-                keep = j + 1;
+        // The aligned copy and the suffix lookup each make a chain; the one promising more per unit of
+        // verify cost is proposed.
+        let mut best: Option<Chain> = None;
+        for (from, source) in anchored.into_iter().chain([(from, lookup_source)]) {
+            let chain = self.chain(&learned, history, from, source, k);
+            if best.as_ref().is_none_or(|b| chain.gain > b.gain) {
+                best = Some(chain);
             }
         }
         drop(learned);
-        tracing::trace!(matched = n, found = tokens.len(), keep, "n-gram proposal");
+        let Chain {
+            mut tokens,
+            mut tagged,
+            keep,
+            ..
+        } = best.unwrap_or_default();
+        tracing::trace!(matched = n, source = ?tagged.first().map(|t| t.0), found = tokens.len(), keep, "n-gram proposal");
         tokens.truncate(keep);
+        tagged.truncate(keep);
         self.pending = tagged;
-        self.pending.truncate(keep);
         let q = tokens.iter().map(|&t| SparseDist::one_hot(t)).collect();
         Ok(Proposal { tokens, q })
     }
@@ -519,9 +644,8 @@ mod tests {
     fn lookup_continues_latest_match() {
         let d = NgramDrafter::new(NgramConfig::default());
         let h = [1, 2, 3, 4, 9, 1, 2, 3, 5, 7, 1, 2, 3];
-        assert_eq!(d.lookup(&h, 2), (vec![5, 7], 3));
-        assert_eq!(d.lookup(&h, 10), (vec![5, 7, 1, 2, 3], 3));
-        assert!(d.lookup(&[1, 2, 3], 4).0.is_empty());
+        assert_eq!(d.lookup_at(&h), (8, 3));
+        assert_eq!(d.lookup_at(&[1, 2, 3]), (3, 0));
     }
 
     #[test]
@@ -562,6 +686,68 @@ mod tests {
             .expect("propose")
             .tokens
             .is_empty());
+    }
+
+    /// Proposes after each output token (as generation does) and returns the last proposal.
+    fn follow_output(d: &mut NgramDrafter, prompt: &[u32], output: &[u32]) -> Vec<u32> {
+        d.set_step_costs(&[1.0, 1.01, 1.02, 1.03, 1.04, 1.05]);
+        d.begin(prompt).expect("begin");
+        let mut s = Sampler::new(Some(1));
+        let mut history = prompt.to_vec();
+        let mut last = Vec::new();
+        for &t in output {
+            history.push(t);
+            last = d
+                .propose(&history, 3, &SamplingParams::greedy(), &mut s)
+                .expect("propose")
+                .tokens;
+        }
+        last
+    }
+
+    /// Source code in the prompt: 20..=31 after an instruction 1, 2.
+    const SOURCE: [u32; 14] = [1, 2, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31];
+
+    #[test]
+    fn copy_resumes_after_a_substitution() {
+        let mut d = NgramDrafter::new(NgramConfig::default());
+        // The output copies the source, replacing 25 by 99 (a rename): the next draft is what followed 25.
+        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 99]);
+        assert_eq!(drafted, vec![26, 27, 28]);
+        assert_eq!(d.pending[0].0, Source::Resume);
+        // A plain suffix lookup finds nothing after 99.
+        let mut h = SOURCE.to_vec();
+        h.extend([20, 21, 22, 23, 24, 99]);
+        assert_eq!(d.lookup_at(&h).1, 0);
+    }
+
+    #[test]
+    fn copy_realigns_after_an_insertion_and_a_deletion() {
+        let mut d = NgramDrafter::new(NgramConfig::default());
+        // Two tokens inserted before 25: the draft guesses the source goes on at 25, and once 25 comes
+        // the copy is followed again.
+        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 77, 78]);
+        assert_eq!(drafted, vec![25, 26, 27]);
+        assert_eq!(d.pending[0].0, Source::Insert);
+        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 77, 78, 25]);
+        assert_eq!(drafted, vec![26, 27, 28]);
+        assert_eq!(d.pending[0].0, Source::Anchor);
+        // 25 and 26 deleted: 27 realigns the copy at once.
+        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 27]);
+        assert_eq!(drafted, vec![28, 29, 30]);
+    }
+
+    #[test]
+    fn a_copy_that_is_never_resumed_is_given_up() {
+        let mut d = NgramDrafter::new(NgramConfig::default());
+        let mut output = vec![20, 21, 22, 23, 24];
+        output.extend(100..100 + MAX_EDIT as u32 + 1);
+        follow_output(&mut d, &SOURCE, &output);
+        assert_eq!(d.align, Align::None);
+        // A rollback below what was followed starts over too.
+        d.align = Align::Copying(3);
+        d.follow(&SOURCE[..4]);
+        assert_eq!(d.align, Align::None);
     }
 
     #[test]
