@@ -22,10 +22,12 @@
 //! from candle's in the last float bits (within float rounding; the tests check the bound and the row
 //! invariance). `SPECD_NO_AVX512=1` selects the AVX2 kernels.
 //!
-//! All kernels prefetch the weight stream a few KiB ahead of the block being decoded (the matrix is one
-//! contiguous stream per task), so the next weights arrive while the rows are multiplied: this took the
-//! Qwen 1.5B one-row forward from about 29 to 27 ms and a 4-row verify from 58 to 47 ms on this
-//! project's 2-core machine. `SPECD_PREFETCH=<bytes>` changes the distance (0 turns it off).
+//! The K-quant kernels prefetch the weight stream a few KiB ahead of the block being decoded (the matrix
+//! is one contiguous stream per task), so the next weights arrive while the rows are multiplied: this
+//! took the Qwen 1.5B one-row forward from about 29 to 27 ms and a 4-row verify from 58 to 47 ms on this
+//! project's 2-core machine. `SPECD_PREFETCH=<bytes>` changes the distance (0 turns it off). The Q8_0 and
+//! Q4_1 kernels do not: their blocks are small and the same prefetch made the Qwen 0.5B (mostly Q8_0)
+//! forward slower, 18 -> 22 ms.
 //!
 //! Only the formats of the project's model files get a kernel (Q4_K, Q6_K, Q8_0 and so Q5_0, converted
 //! to Q8_0 at load, and Q4_1, SmolLM2's); `qweight.rs` falls back to candle's `vec_dot` for the others and
@@ -812,9 +814,7 @@ unsafe fn q6k_rows_vnni<const R: usize>(xs: &[Q6K], ys: [&[Q8K]; R], out: &mut [
 unsafe fn q8_0_rows<const R: usize>(xs: &[Q80], ys: [&[Q80]; R], out: &mut [f32]) {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
-    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
-        prefetch_ahead(x, ahead);
         let xd = f16_to_f32(x.d);
         // SAFETY: qs is 32 bytes.
         let bx = unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
@@ -843,9 +843,7 @@ unsafe fn q4_1_rows<const R: usize>(xs: &[Q41], ys: [&[Q81]; R], out: &mut [f32]
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut sumf = [0f32; R];
-    let ahead = prefetch_distance();
     for (b, x) in xs.iter().enumerate() {
-        prefetch_ahead(x, ahead);
         // SAFETY: qs is 16 bytes.
         let raw = unsafe { _mm_loadu_si128(x.qs.as_ptr() as *const __m128i) };
         // Low nibbles pair with activations 0..16, high nibbles with 16..32.
