@@ -395,24 +395,50 @@ fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -
     let mut xq = quantize_rows::<T::Act>(x, m, k);
     T::prepare(&mut xq);
     let rows: Vec<&[T::Act]> = xq.chunks_exact(kb).collect();
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(COLS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
+    let mut out = vec![0f32; n * m];
+    let dst = Disjoint(out.as_mut_ptr());
+    (0..n.div_ceil(COLS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
             let c0 = task * COLS_PER_TASK;
+            let cols = COLS_PER_TASK.min(n - c0);
+            // Column-major for the kernels, then written row-major straight into the output (no separate
+            // transpose of the whole n x m result).
+            let mut local = vec![0f32; cols * m];
             for t0 in (0..m).step_by(ROW_TILE) {
                 let t1 = m.min(t0 + ROW_TILE);
-                for (c, dst) in chunk.chunks_exact_mut(m).enumerate() {
+                for (c, col) in local.chunks_exact_mut(m).enumerate() {
                     T::dot_rows(
                         &w[(c0 + c) * kb..(c0 + c + 1) * kb],
                         &rows[t0..t1],
-                        &mut dst[t0..t1],
+                        &mut col[t0..t1],
                     );
                 }
             }
+            for r in 0..m {
+                for (c, col) in local.chunks_exact(m).enumerate() {
+                    // SAFETY: `out` holds n * m values and outlives the parallel loop; task `task` is the
+                    // only writer of columns c0..c0 + cols, so no two writes alias.
+                    unsafe { *dst.at(r * n + c0 + c) = col[r] };
+                }
+            }
         });
-    transpose(out_t, n, m)
+    out
+}
+
+/// The output buffer of a parallel matmul whose tasks write disjoint elements.
+#[derive(Clone, Copy)]
+struct Disjoint(*mut f32);
+
+// SAFETY: shared only for writes to disjoint indices (see `matmul_multi`).
+unsafe impl Send for Disjoint {}
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    /// Pointer to element `i` (callers guarantee it is in bounds and theirs alone).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
 }
 
 /// Float kernel: a fixed 8-lane accumulation order per dot product, independent of m.
