@@ -1,5 +1,6 @@
 //! Prints, per weight format and shape of a model, the time of one matmul over m = 1, 2, 4, 8 activation
-//! rows and the multiply rate of the extra rows: where a verify step's extra rows go. Usage: matmul_rows MODEL.gguf
+//! rows and the multiply rate of the extra rows: where a verify step's extra rows go.
+//! Usage: matmul_rows MODEL.gguf
 use std::time::Instant;
 
 use specd_engine::load_gguf;

@@ -280,6 +280,7 @@ enum Align {
     /// The output left the source at `history[base]` `since` tokens ago.
     Editing { base: usize, since: usize },
 }
+
 /// Assumed cost of one more verified position, in decode steps, until costs are measured.
 const DEFAULT_ROW_COST: f64 = 0.3;
 /// Relative gain over plain decoding a draft must promise before it is proposed.
@@ -390,8 +391,8 @@ impl NgramDrafter {
         };
     }
 
-    /// Where the continuation of the latest earlier occurrence of the longest matching suffix n-gram starts, and the match length
-    /// (`(len, 0)` when nothing matches).
+    /// Where the continuation of the latest earlier occurrence of the longest matching suffix n-gram
+    /// starts, and the match length (`(len, 0)` when nothing matches).
     fn lookup_at(&self, history: &[u32]) -> (usize, usize) {
         let len = history.len();
         for n in (self.cfg.min_n..=self.cfg.max_n.min(len.saturating_sub(1))).rev() {
@@ -591,7 +592,13 @@ impl Drafter for NgramDrafter {
             keep,
             ..
         } = best.unwrap_or_default();
-        tracing::trace!(matched = n, source = ?tagged.first().map(|t| t.0), found = tokens.len(), keep, "n-gram proposal");
+        tracing::trace!(
+            matched = n,
+            source = ?tagged.first().map(|t| t.0),
+            found = tokens.len(),
+            keep,
+            "n-gram proposal"
+        );
         tokens.truncate(keep);
         tagged.truncate(keep);
         self.pending = tagged;
