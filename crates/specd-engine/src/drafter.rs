@@ -267,6 +267,9 @@ const ANCHOR_MIN_MATCH: usize = 4;
 const REALIGN_WINDOW: usize = 8;
 /// Output tokens after a divergence without realigning before the copy is given up.
 const MAX_EDIT: usize = 24;
+/// Tokens a copy must have run verbatim before a divergence is treated as an edit of it: a few echoed
+/// words of prose diverge too, and guessing where they resume only costs rows.
+const EDIT_MIN_RUN: usize = 12;
 
 /// Where the output is copying from, for edit-shaped traffic (rename this, add types to that, show the
 /// whole result): the output is the source with local edits, so after an edit the best draft is the
@@ -275,8 +278,9 @@ const MAX_EDIT: usize = 24;
 enum Align {
     /// Not copying.
     None,
-    /// The next output token is expected to be `history[c]`.
-    Copying(usize),
+    /// The next output token is expected to be `history[at]`, after `run` tokens copied (or the copy
+    /// was realigned after an edit).
+    Copying { at: usize, run: usize },
     /// The output left the source at `history[base]` `since` tokens ago.
     Editing { base: usize, since: usize },
 }
@@ -478,13 +482,26 @@ impl NgramDrafter {
         };
         for (i, &x) in history.iter().enumerate().skip(self.seen) {
             self.align = match self.align {
-                Align::Copying(c) if c >= i => Align::None,
-                Align::Copying(c) if history[c] == x => Align::Copying(c + 1),
+                Align::Copying { at, .. } if at >= i => Align::None,
+                Align::Copying { at, run } if history[at] == x => Align::Copying {
+                    at: at + 1,
+                    run: run + 1,
+                },
+                // A short echo diverging is not an edit.
+                Align::Copying { run, .. } if run < EDIT_MIN_RUN => Align::None,
                 // Skipped source tokens (a deletion), else an edit starts here.
-                Align::Copying(c) => realign(c + 1, i, x)
-                    .map_or(Align::Editing { base: c, since: 1 }, Align::Copying),
+                Align::Copying { at, .. } => match realign(at + 1, i, x) {
+                    Some(j) => Align::Copying {
+                        at: j,
+                        run: EDIT_MIN_RUN,
+                    },
+                    None => Align::Editing { base: at, since: 1 },
+                },
                 Align::Editing { base, since } => match realign(base, i, x) {
-                    Some(j) => Align::Copying(j),
+                    Some(j) => Align::Copying {
+                        at: j,
+                        run: EDIT_MIN_RUN,
+                    },
                     None if since < MAX_EDIT => Align::Editing {
                         base,
                         since: since + 1,
@@ -501,7 +518,7 @@ impl NgramDrafter {
     fn anchor(&self, len: usize) -> Option<(usize, Source)> {
         let (at, source) = match self.align {
             Align::None => return None,
-            Align::Copying(c) => (c, Source::Anchor),
+            Align::Copying { at, .. } => (at, Source::Anchor),
             Align::Editing { base, since: 1 } => (base + 1, Source::Resume),
             Align::Editing { base, .. } => (base, Source::Insert),
         };
@@ -563,9 +580,9 @@ impl Drafter for NgramDrafter {
             _ => Source::LookupCopy,
         };
         let anchored = self.anchor(history.len());
-        if n >= ANCHOR_MIN_MATCH && !matches!(self.align, Align::Copying(_)) {
+        if n >= ANCHOR_MIN_MATCH && !matches!(self.align, Align::Copying { .. }) {
             // A long enough match starts (or re-finds) an aligned copy that survives the edits to come.
-            self.align = Align::Copying(from);
+            self.align = Align::Copying { at: from, run: n };
         }
         let mut learned = self.learned.lock();
         // Estimates drift back toward the priors while unused, so a source that was switched off is
@@ -712,48 +729,63 @@ mod tests {
         last
     }
 
-    /// Source code in the prompt: 20..=31 after an instruction 1, 2.
-    const SOURCE: [u32; 14] = [1, 2, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31];
+    /// Source code in the prompt: 20..50 after an instruction 1, 2.
+    fn source() -> Vec<u32> {
+        [1, 2].into_iter().chain(20..50).collect()
+    }
+
+    /// The output copying the source verbatim through `last`, then `rest`.
+    fn copied_then(last: u32, rest: &[u32]) -> Vec<u32> {
+        (20..=last).chain(rest.iter().copied()).collect()
+    }
 
     #[test]
     fn copy_resumes_after_a_substitution() {
         let mut d = NgramDrafter::new(NgramConfig::default());
-        // The output copies the source, replacing 25 by 99 (a rename): the next draft is what followed 25.
-        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 99]);
-        assert_eq!(drafted, vec![26, 27, 28]);
+        // The output copies the source, replacing 35 by 99 (a rename): the next draft is what followed 35.
+        let out = copied_then(34, &[99]);
+        let drafted = follow_output(&mut d, &source(), &out);
+        assert_eq!(drafted, vec![36, 37, 38]);
         assert_eq!(d.pending[0].0, Source::Resume);
         // A plain suffix lookup finds nothing after 99.
-        let mut h = SOURCE.to_vec();
-        h.extend([20, 21, 22, 23, 24, 99]);
+        let mut h = source();
+        h.extend(out);
         assert_eq!(d.lookup_at(&h).1, 0);
     }
 
     #[test]
     fn copy_realigns_after_an_insertion_and_a_deletion() {
         let mut d = NgramDrafter::new(NgramConfig::default());
-        // Two tokens inserted before 25: the draft guesses the source goes on at 25, and once 25 comes
+        // Two tokens inserted before 35: the draft guesses the source goes on at 35, and once 35 comes
         // the copy is followed again.
-        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 77, 78]);
-        assert_eq!(drafted, vec![25, 26, 27]);
+        let drafted = follow_output(&mut d, &source(), &copied_then(34, &[77, 78]));
+        assert_eq!(drafted, vec![35, 36, 37]);
         assert_eq!(d.pending[0].0, Source::Insert);
-        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 77, 78, 25]);
-        assert_eq!(drafted, vec![26, 27, 28]);
+        let drafted = follow_output(&mut d, &source(), &copied_then(34, &[77, 78, 35]));
+        assert_eq!(drafted, vec![36, 37, 38]);
         assert_eq!(d.pending[0].0, Source::Anchor);
-        // 25 and 26 deleted: 27 realigns the copy at once.
-        let drafted = follow_output(&mut d, &SOURCE, &[20, 21, 22, 23, 24, 27]);
-        assert_eq!(drafted, vec![28, 29, 30]);
+        // 35 and 36 deleted: 37 realigns the copy at once.
+        let drafted = follow_output(&mut d, &source(), &copied_then(34, &[37]));
+        assert_eq!(drafted, vec![38, 39, 40]);
+    }
+
+    #[test]
+    fn a_short_echo_that_diverges_is_not_an_edit() {
+        let mut d = NgramDrafter::new(NgramConfig::default());
+        // Five words of the prompt echoed, then the output goes its own way.
+        follow_output(&mut d, &source(), &copied_then(24, &[99]));
+        assert_eq!(d.align, Align::None);
     }
 
     #[test]
     fn a_copy_that_is_never_resumed_is_given_up() {
         let mut d = NgramDrafter::new(NgramConfig::default());
-        let mut output = vec![20, 21, 22, 23, 24];
-        output.extend(100..100 + MAX_EDIT as u32 + 1);
-        follow_output(&mut d, &SOURCE, &output);
+        let rest: Vec<u32> = (100..100 + MAX_EDIT as u32 + 1).collect();
+        follow_output(&mut d, &source(), &copied_then(34, &rest));
         assert_eq!(d.align, Align::None);
         // A rollback below what was followed starts over too.
-        d.align = Align::Copying(3);
-        d.follow(&SOURCE[..4]);
+        d.align = Align::Copying { at: 3, run: 20 };
+        d.follow(&source()[..4]);
         assert_eq!(d.align, Align::None);
     }
 
