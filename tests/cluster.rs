@@ -264,6 +264,33 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Starts one stream per request and returns once every one of them has produced tokens.
+    async fn streams_flowing(&self, requests: Vec<GenerateRequest>) -> Vec<StreamTask> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(requests.len().max(1));
+        let mut tasks = Vec::new();
+        for req in requests {
+            let client = self.client().await;
+            tasks.push(tokio::spawn(stream_all(client, req, Some(tx.clone()))));
+        }
+        all_started(&mut rx, tasks.len()).await;
+        tasks
+    }
+
+    /// Every stream's tokens and finish reason; a stream that hangs or fails fails the test, with the logs.
+    async fn finished(&self, tasks: Vec<StreamTask>) -> Vec<(Vec<u32>, i32)> {
+        let mut out = Vec::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            out.push(
+                tokio::time::timeout(WAIT, t)
+                    .await
+                    .expect("no hang")
+                    .expect("join")
+                    .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", self.logs())),
+            );
+        }
+        out
+    }
+
     fn logs(&self) -> String {
         let mut s = String::new();
         for p in self
@@ -500,6 +527,9 @@ async fn tally(
 }
 
 /// Streams a request to its end; the token ids and the finish reason.
+/// A spawned [`stream_all`].
+type StreamTask = tokio::task::JoinHandle<Result<(Vec<u32>, i32), tonic::Status>>;
+
 async fn stream_all(
     mut client: GenerationClient<Channel>,
     req: GenerateRequest,
@@ -537,25 +567,18 @@ async fn killing_the_drafter_mid_stream_costs_no_request() {
         return;
     };
     let max_new = 96;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-    let mut tasks = Vec::new();
-    for (i, prompt) in PROMPTS.iter().chain(PROMPTS).enumerate() {
-        let drafter = if i % 2 == 0 { "self" } else { "ngram" };
-        tasks.push(tokio::spawn(stream_all(
-            c.client().await,
-            request(prompt, max_new, drafter),
-            Some(tx.clone()),
-        )));
-    }
+    let requests = PROMPTS
+        .iter()
+        .chain(PROMPTS)
+        .enumerate()
+        .map(|(i, prompt)| {
+            let drafter = if i % 2 == 0 { "self" } else { "ngram" };
+            request(prompt, max_new, drafter)
+        });
     // Once tokens flow on every stream, the drafter dies.
-    all_started(&mut rx, tasks.len()).await;
+    let tasks = c.streams_flowing(requests.collect()).await;
     c.drafters[0].kill();
-    for (i, t) in tasks.into_iter().enumerate() {
-        let (ids, finish) = tokio::time::timeout(WAIT, t)
-            .await
-            .expect("no hang")
-            .expect("join")
-            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", c.logs()));
+    for (i, (ids, finish)) in c.finished(tasks).await.into_iter().enumerate() {
         let prompt = PROMPTS[i % PROMPTS.len()];
         assert_eq!(
             ids,
@@ -585,24 +608,11 @@ async fn a_stalled_drafter_is_dropped_within_its_timeout() {
         return;
     };
     let max_new = 96;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-    let mut tasks = Vec::new();
-    for prompt in PROMPTS {
-        tasks.push(tokio::spawn(stream_all(
-            c.client().await,
-            request(prompt, max_new, "self"),
-            Some(tx.clone()),
-        )));
-    }
-    all_started(&mut rx, tasks.len()).await;
+    let requests = PROMPTS.iter().map(|p| request(p, max_new, "self"));
+    let tasks = c.streams_flowing(requests.collect()).await;
     // Frozen, not dead: its connections stay open and it never answers.
     c.drafters[0].signal("-STOP");
-    for (i, t) in tasks.into_iter().enumerate() {
-        let (ids, _) = tokio::time::timeout(WAIT, t)
-            .await
-            .expect("no hang")
-            .expect("join")
-            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", c.logs()));
+    for (i, (ids, _)) in c.finished(tasks).await.into_iter().enumerate() {
         assert_eq!(
             ids,
             reference(&model, PROMPTS[i], max_new as usize),
@@ -624,20 +634,12 @@ async fn a_target_drains_on_sigterm() {
     let Some(mut c) = Cluster::start(sel, &[]).await else {
         return;
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-    let long = tokio::spawn(stream_all(
-        c.client().await,
-        request(PROMPTS[0], 160, "self"),
-        Some(tx),
-    ));
-    all_started(&mut rx, 1).await;
+    let long = c
+        .streams_flowing(vec![request(PROMPTS[0], 160, "self")])
+        .await;
     c.targets[0].signal("-TERM");
     // The sequence it holds is finished there; then it leaves placement and exits cleanly.
-    let (ids, _) = tokio::time::timeout(WAIT, long)
-        .await
-        .expect("no hang")
-        .expect("join")
-        .unwrap_or_else(|e| panic!("in-flight request failed: {e}\n{}", c.logs()));
+    let (ids, _) = c.finished(long).await.remove(0);
     assert_eq!(ids, reference(&model, PROMPTS[0], 160));
     assert_eq!(
         c.targets[0].wait_exit(WAIT),
@@ -666,23 +668,10 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let max_new = 128;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
-    let mut tasks = Vec::new();
-    for prompt in PROMPTS {
-        tasks.push(tokio::spawn(stream_all(
-            c.client().await,
-            request(prompt, max_new, "none"),
-            Some(tx.clone()),
-        )));
-    }
-    all_started(&mut rx, tasks.len()).await;
+    let requests = PROMPTS.iter().map(|p| request(p, max_new, "none"));
+    let tasks = c.streams_flowing(requests.collect()).await;
     c.targets[0].kill();
-    for (i, t) in tasks.into_iter().enumerate() {
-        let (ids, _) = tokio::time::timeout(WAIT, t)
-            .await
-            .expect("no hang")
-            .expect("join")
-            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", c.logs()));
+    for (i, (ids, _)) in c.finished(tasks).await.into_iter().enumerate() {
         assert_eq!(
             ids,
             reference(&model, PROMPTS[i], max_new as usize),

@@ -195,16 +195,7 @@ pub fn check_matmul_rows(model: &Model, layers: &[usize], counts: &[usize], what
     let mut mats: Vec<(String, &specd_engine::qweight::QWeight)> =
         vec![("embedding".into(), &w.embed)];
     for &li in layers {
-        let l = &w.layers[li];
-        for (name, m) in [
-            ("q", &l.wq),
-            ("k", &l.wk),
-            ("v", &l.wv),
-            ("o", &l.wo),
-            ("gate", &l.w_gate),
-            ("up", &l.w_up),
-            ("down", &l.w_down),
-        ] {
+        for (name, m) in w.layers[li].matrices() {
             mats.push((format!("layer {li} {name}"), m));
         }
     }

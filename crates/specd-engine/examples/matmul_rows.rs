@@ -11,18 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: matmul_rows MODEL.gguf")?;
     let loaded = load_gguf(std::path::Path::new(&path))?;
     let w = loaded.model.weights();
-    let l = &w.layers[0];
     let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-    let named = [
-        ("wq", &l.wq),
-        ("wk", &l.wk),
-        ("wv", &l.wv),
-        ("wo", &l.wo),
-        ("gate", &l.w_gate),
-        ("up", &l.w_up),
-        ("down", &l.w_down),
-        ("head", head),
-    ];
+    let named = w.layers[0].matrices().into_iter().chain([("head", head)]);
     println!(
         "weight  format  n x k          m=1 ms   m=2 x   m=4 x   m=8 x  GMAC/s per extra row (m=8)"
     );

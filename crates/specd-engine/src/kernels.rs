@@ -146,59 +146,26 @@ pub trait MultiRow: Sized + Sync {
 // kernels ran half again slower than the three-row one (Qwen 0.5B forward over 2 rows 28 ms, 3 rows 23 ms;
 // 18.5 ms for 2 rows once not inlined). One call per weight column and row group costs nothing measurable.
 
-/// Rows per AVX2 kernel call: enough to share the weight decoding, few enough to keep accumulators in
-/// the 16 AVX2 registers.
-const ROWS: usize = 4;
-/// Rows per AVX-512 kernel call (32 registers).
-const ROWS_512: usize = 8;
-
+/// Calls `$kernel::<n>` over the rows in groups of at most the largest listed row count: four for the
+/// AVX2 kernels (enough to share the weight decoding, few enough for the 16 AVX2 registers), eight for
+/// the AVX-512 ones (32 registers). Groups are as even as possible (9 rows: 3+3+3, not 4+4+1): a lone row
+/// pays the whole weight decode. The list must be `1..=max`.
 macro_rules! dispatch_rows {
-    ($kernel:ident, $mirror:ty, $w:expr, $ys:expr, $out:expr) => {{
+    ($kernel:ident, $mirror:ty, $w:expr, $ys:expr, $out:expr, [$($n:literal),+]) => {{
         let (w, ys, out) = ($w, $ys, $out);
         let c = |r: usize| -> &[$mirror] { cast(ys[r]) };
-        // Groups as even as possible (9 rows: 3+3+3, not 4+4+1): a lone row pays the whole weight decode.
-        let groups = ys.len().div_ceil(ROWS);
-        let mut r = 0;
-        for g in 0..groups {
-            let n = (ys.len() - r) / (groups - g);
-            // SAFETY: callers check `available()` (AVX2 + FMA); slices are the mirrored layouts of the
-            // blocks they came from, and every row has as many blocks as the weight column.
-            unsafe {
-                match n {
-                    4 => $kernel::<4>(w, [c(r), c(r + 1), c(r + 2), c(r + 3)], &mut out[r..r + 4]),
-                    3 => $kernel::<3>(w, [c(r), c(r + 1), c(r + 2)], &mut out[r..r + 3]),
-                    2 => $kernel::<2>(w, [c(r), c(r + 1)], &mut out[r..r + 2]),
-                    _ => $kernel::<1>(w, [c(r)], &mut out[r..r + 1]),
-                }
-            }
-            r += n;
-        }
-        debug_assert_eq!(r, ys.len());
-    }};
-}
-
-/// As `dispatch_rows!` with groups of up to [`ROWS_512`] rows, for the AVX-512 kernels.
-macro_rules! dispatch_rows_512 {
-    ($kernel:ident, $mirror:ty, $w:expr, $ys:expr, $out:expr) => {{
-        let (w, ys, out) = ($w, $ys, $out);
-        let c = |r: usize| -> &[$mirror] { cast(ys[r]) };
-        let groups = ys.len().div_ceil(ROWS_512);
+        let groups = ys.len().div_ceil([$($n),+].len());
         let mut r = 0;
         for g in 0..groups {
             let n = (ys.len() - r) / (groups - g);
             let o = &mut out[r..r + n];
-            // SAFETY: callers check `vnni()`; slices are the mirrored layouts of the blocks they came
-            // from, and every row has as many blocks as the weight column.
+            // SAFETY: callers check the kernel's CPU features (`available()` or `vnni()`); slices are the
+            // mirrored layouts of the blocks they came from, and every row has as many blocks as the
+            // weight column.
             unsafe {
                 match n {
-                    8 => $kernel::<8>(w, std::array::from_fn(|i| c(r + i)), o),
-                    7 => $kernel::<7>(w, std::array::from_fn(|i| c(r + i)), o),
-                    6 => $kernel::<6>(w, std::array::from_fn(|i| c(r + i)), o),
-                    5 => $kernel::<5>(w, std::array::from_fn(|i| c(r + i)), o),
-                    4 => $kernel::<4>(w, std::array::from_fn(|i| c(r + i)), o),
-                    3 => $kernel::<3>(w, std::array::from_fn(|i| c(r + i)), o),
-                    2 => $kernel::<2>(w, std::array::from_fn(|i| c(r + i)), o),
-                    _ => $kernel::<1>(w, [c(r)], o),
+                    $($n => $kernel::<$n>(w, std::array::from_fn(|i| c(r + i)), o),)+
+                    _ => unreachable!("a group of {n} rows"),
                 }
             }
             r += n;
@@ -235,7 +202,7 @@ impl MultiRow for BlockQ4K {
         cast_mut::<_, Q8K>(acts).iter_mut().for_each(fold_bsums);
     }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-        dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(w), ys, out)
+        dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(w), ys, out, [1, 2, 3, 4])
     }
 }
 
@@ -341,7 +308,14 @@ impl MultiRow for Q4KVnni {
     }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
         debug_assert!(vnni());
-        dispatch_rows_512!(q4k_rows_vnni, Q8K, cast::<_, Q4K>(w), ys, out)
+        dispatch_rows!(
+            q4k_rows_vnni,
+            Q8K,
+            cast::<_, Q4K>(w),
+            ys,
+            out,
+            [1, 2, 3, 4, 5, 6, 7, 8]
+        )
     }
 }
 
@@ -350,9 +324,16 @@ impl MultiRow for BlockQ6K {
     type Act = BlockQ8K;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
         if vnni() {
-            dispatch_rows_512!(q6k_rows_vnni, Q8K, cast::<_, Q6K>(w), ys, out)
+            dispatch_rows!(
+                q6k_rows_vnni,
+                Q8K,
+                cast::<_, Q6K>(w),
+                ys,
+                out,
+                [1, 2, 3, 4, 5, 6, 7, 8]
+            )
         } else {
-            dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(w), ys, out)
+            dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(w), ys, out, [1, 2, 3, 4])
         }
     }
 }
@@ -361,7 +342,7 @@ impl MultiRow for BlockQ8_0 {
     const BLOCK: usize = 32;
     type Act = BlockQ8_0;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-        dispatch_rows!(q8_0_rows, Q80, cast::<_, Q80>(w), ys, out)
+        dispatch_rows!(q8_0_rows, Q80, cast::<_, Q80>(w), ys, out, [1, 2, 3, 4])
     }
 }
 
@@ -369,7 +350,7 @@ impl MultiRow for BlockQ4_1 {
     const BLOCK: usize = 32;
     type Act = BlockQ8_1;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
-        dispatch_rows!(q4_1_rows, Q81, cast::<_, Q41>(w), ys, out)
+        dispatch_rows!(q4_1_rows, Q81, cast::<_, Q41>(w), ys, out, [1, 2, 3, 4])
     }
 }
 
@@ -1066,8 +1047,22 @@ mod tests {
             }
             let ps: Vec<&[BlockQ8K]> = prepared.iter().map(|a| a.as_slice()).collect();
             let (mut o4, mut o6) = (vec![0f32; rows], vec![0f32; rows]);
-            dispatch_rows!(q4k_rows, Q8K, cast::<_, Q4K>(&w4), &ps, &mut o4[..]);
-            dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(&w6), &ys, &mut o6[..]);
+            dispatch_rows!(
+                q4k_rows,
+                Q8K,
+                cast::<_, Q4K>(&w4),
+                &ps,
+                &mut o4[..],
+                [1, 2, 3, 4]
+            );
+            dispatch_rows!(
+                q6k_rows,
+                Q8K,
+                cast::<_, Q6K>(&w6),
+                &ys,
+                &mut o6[..],
+                [1, 2, 3, 4]
+            );
             for r in 0..rows {
                 assert_eq!(
                     o4[r].to_bits(),

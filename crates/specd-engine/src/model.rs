@@ -37,6 +37,21 @@ pub struct Layer {
     pub w_down: QWeight,
 }
 
+impl Layer {
+    /// The layer's weight matrices with their short names, in forward order.
+    pub fn matrices(&self) -> [(&'static str, &QWeight); 7] {
+        [
+            ("q", &self.wq),
+            ("k", &self.wk),
+            ("v", &self.wv),
+            ("o", &self.wo),
+            ("gate", &self.w_gate),
+            ("up", &self.w_up),
+            ("down", &self.w_down),
+        ]
+    }
+}
+
 /// All weights of a model file.
 #[derive(Debug)]
 pub struct Weights {
@@ -50,12 +65,7 @@ pub struct Weights {
 impl Weights {
     /// Bytes held by all weights.
     pub fn nbytes(&self) -> usize {
-        let layer = |l: &Layer| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                .iter()
-                .map(|w| w.nbytes())
-                .sum::<usize>()
-        };
+        let layer = |l: &Layer| l.matrices().iter().map(|(_, w)| w.nbytes()).sum::<usize>();
         self.embed.nbytes()
             + self.layers.iter().map(layer).sum::<usize>()
             + self.lm_head.as_ref().map_or(0, |w| w.nbytes())

@@ -395,30 +395,41 @@ fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -
     let mut xq = quantize_rows::<T::Act>(x, m, k);
     T::prepare(&mut xq);
     let rows: Vec<&[T::Act]> = xq.chunks_exact(kb).collect();
+    // Fills `cols` columns from `c0` for every row, column-major (`m` values per column).
+    let task = |c0: usize, dst: &mut [f32]| {
+        for t0 in (0..m).step_by(ROW_TILE) {
+            let t1 = m.min(t0 + ROW_TILE);
+            for (c, col) in dst.chunks_exact_mut(m).enumerate() {
+                T::dot_rows(
+                    &w[(c0 + c) * kb..(c0 + c + 1) * kb],
+                    &rows[t0..t1],
+                    &mut col[t0..t1],
+                );
+            }
+        }
+    };
     let mut out = vec![0f32; n * m];
+    if m == 1 {
+        // One row: column-major is row-major, so the tasks fill the output in place (the decode path).
+        out.par_chunks_mut(COLS_PER_TASK)
+            .enumerate()
+            .for_each(|(i, dst)| task(i * COLS_PER_TASK, dst));
+        return out;
+    }
     let dst = Disjoint(out.as_mut_ptr());
     (0..n.div_ceil(COLS_PER_TASK))
         .into_par_iter()
-        .for_each(|task| {
-            let c0 = task * COLS_PER_TASK;
+        .for_each(|i| {
+            let c0 = i * COLS_PER_TASK;
             let cols = COLS_PER_TASK.min(n - c0);
             // Column-major for the kernels, then written row-major straight into the output (no separate
             // transpose of the whole n x m result).
             let mut local = vec![0f32; cols * m];
-            for t0 in (0..m).step_by(ROW_TILE) {
-                let t1 = m.min(t0 + ROW_TILE);
-                for (c, col) in local.chunks_exact_mut(m).enumerate() {
-                    T::dot_rows(
-                        &w[(c0 + c) * kb..(c0 + c + 1) * kb],
-                        &rows[t0..t1],
-                        &mut col[t0..t1],
-                    );
-                }
-            }
+            task(c0, &mut local);
             for r in 0..m {
                 for (c, col) in local.chunks_exact(m).enumerate() {
-                    // SAFETY: `out` holds n * m values and outlives the parallel loop; task `task` is the
-                    // only writer of columns c0..c0 + cols, so no two writes alias.
+                    // SAFETY: `out` holds n * m values and outlives the parallel loop; task `i` is the only
+                    // writer of columns c0..c0 + cols, so no two writes alias.
                     unsafe { *dst.at(r * n + c0 + c) = col[r] };
                 }
             }
