@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use specd_core::{chi_square_sf, chi_square_test, Sampler, SamplingParams, SparseDist};
 use specd_engine::drafter::{Drafter, Feedback, ModelDrafter, NgramConfig, NgramDrafter, Proposal};
-use specd_engine::preset::build_drafter;
+use specd_engine::preset::{build_drafter, DraftOptions};
 use specd_engine::testing::TinySpec;
 use specd_engine::{
     DrafterKind, EngineError, Family, FinishReason, GenerateOptions, GenerationStats, Generator,
@@ -86,26 +86,41 @@ fn drafter_cases<'a>(
     drafts: &[(&str, &'a LoadedModel)],
 ) -> Vec<DrafterCase<'a>> {
     let mut cases = Vec::new();
+    // A head trimmed to the first half of the vocabulary (plus, per sequence, the tokens it has shown):
+    // drafts never use the other half unless the sequence did, and the output must not change.
+    let half = target.model.config().vocab / 2;
     for &(name, draft) in drafts {
-        cases.push(DrafterCase {
-            name: format!("model ({name})"),
-            build: Box::new(move || {
-                build_drafter(DrafterKind::Model, target, Some(draft), None).unwrap()
-            }),
-        });
+        for vocab in [0, half] {
+            let opts = DraftOptions {
+                vocab,
+                ..DraftOptions::default()
+            };
+            cases.push(DrafterCase {
+                name: format!("model ({name}, head vocab {vocab})"),
+                build: Box::new(move || {
+                    build_drafter(DrafterKind::Model, target, Some(draft), opts).unwrap()
+                }),
+            });
+        }
     }
-    for layers in [None, Some(2)] {
+    for (layers, vocab) in [(None, 0), (Some(2), 0), (Some(2), half)] {
+        let opts = DraftOptions {
+            self_layers: layers,
+            vocab,
+        };
         cases.push(DrafterCase {
-            name: format!("self ({layers:?} layers)"),
+            name: format!("self ({layers:?} layers, head vocab {vocab})"),
             build: Box::new(move || {
-                build_drafter(DrafterKind::SelfLayers, target, None, layers).unwrap()
+                build_drafter(DrafterKind::SelfLayers, target, None, opts).unwrap()
             }),
         });
     }
     for kind in [DrafterKind::Ngram, DrafterKind::Auto] {
         cases.push(DrafterCase {
             name: kind.name().to_string(),
-            build: Box::new(move || build_drafter(kind, target, None, None).unwrap()),
+            build: Box::new(move || {
+                build_drafter(kind, target, None, DraftOptions::default()).unwrap()
+            }),
         });
     }
     cases.push(untimed_ngram_case());
@@ -310,16 +325,18 @@ fn tiny_greedy_speculation_equals_plain_greedy() {
         // separate head makes its similar draft model dissimilar, and its output hardly repeats, so
         // its n-gram drafts are mostly rejected. The engine's own n-gram drafters size their drafts
         // from timings, so only the untimed one's acceptance is reproducible.)
-        let must_accept: &[&str] = match family {
-            Family::Qwen2 => &[
-                UNTIMED_NGRAM,
-                "model (similar)",
-                "self (Some(2) layers)",
-                "self (None layers)",
-            ],
-            Family::Llama => &["self (Some(2) layers)", "self (None layers)"],
-        };
-        for case in must_accept {
+        let half = set.target.model.config().vocab / 2;
+        let mut must_accept = vec![
+            "self (Some(2) layers, head vocab 0)".to_string(),
+            format!("self (Some(2) layers, head vocab {half})"),
+            "self (None layers, head vocab 0)".to_string(),
+        ];
+        if family == Family::Qwen2 {
+            must_accept.push(UNTIMED_NGRAM.to_string());
+            must_accept.push("model (similar, head vocab 0)".to_string());
+            must_accept.push(format!("model (similar, head vocab {half})"));
+        }
+        for case in &must_accept {
             assert!(
                 accepted_total(&acc, case) > 0,
                 "tiny {family:?}: drafter {case} never had a draft accepted"
@@ -508,7 +525,13 @@ fn tiny_context_end_prefix_and_limits() {
     let full: Vec<u32> = unit.iter().cycle().take(ctx).copied().collect();
     let mut g = Generator::new(
         set.target.model.clone(),
-        build_drafter(DrafterKind::Ngram, &set.target, None, None).unwrap(),
+        build_drafter(
+            DrafterKind::Ngram,
+            &set.target,
+            None,
+            DraftOptions::default(),
+        )
+        .unwrap(),
     );
     assert!(g.generate(&full, &greedy_opts(4, None), |_| true).is_err());
     let (out, st) = run(
@@ -534,7 +557,13 @@ fn tiny_cancellation_and_tiny_budgets() {
         DrafterKind::SelfLayers,
         DrafterKind::Model,
     ] {
-        let drafter = build_drafter(kind, &set.target, Some(&set.similar), None).unwrap();
+        let drafter = build_drafter(
+            kind,
+            &set.target,
+            Some(&set.similar),
+            DraftOptions::default(),
+        )
+        .unwrap();
         let mut g = Generator::new(set.target.model.clone(), drafter);
         let mut seen = 0;
         let (out, st) = g
@@ -577,7 +606,13 @@ fn seeded_outputs(set: &TinySet, kind: DrafterKind, n: usize) -> Vec<Vec<u32>> {
     };
     (0..n)
         .map(|_| {
-            let drafter = build_drafter(kind, &set.target, Some(&set.dissimilar), None).unwrap();
+            let drafter = build_drafter(
+                kind,
+                &set.target,
+                Some(&set.dissimilar),
+                DraftOptions::default(),
+            )
+            .unwrap();
             let mut g = Generator::new(set.target.model.clone(), drafter);
             let mut opts = GenerateOptions::new(TINY_NEW_TOKENS, params.clone());
             opts.draft_len = Some(3);
@@ -648,7 +683,7 @@ fn smollm_greedy_speculation_equals_plain_greedy() {
         .collect();
     let smol_case = |kind: DrafterKind| DrafterCase {
         name: kind.name().to_string(),
-        build: Box::new(move || build_drafter(kind, m, None, None).unwrap()),
+        build: Box::new(move || build_drafter(kind, m, None, DraftOptions::default()).unwrap()),
     };
     let configs = [
         (smol_case(DrafterKind::SelfLayers), Some(4)),
@@ -841,7 +876,15 @@ fn check_sampling_distribution(params: SamplingParams) {
         "T={} top_k={} top_p={}",
         params.temperature, params.top_k, params.top_p
     );
-    let model_drafter = || build_drafter(DrafterKind::Model, &target, Some(&draft), None).unwrap();
+    let model_drafter = || {
+        build_drafter(
+            DrafterKind::Model,
+            &target,
+            Some(&draft),
+            DraftOptions::default(),
+        )
+        .unwrap()
+    };
     let spec_runs = sample_runs(t, &model_drafter, &prompt, &params, 0);
     let plain_runs = sample_runs(t, &|| None, &prompt, &params, 1_000_000);
     let acceptance = spec_runs.accepted as f64 / spec_runs.drafted as f64;
@@ -934,7 +977,8 @@ fn check_sampling_distribution(params: SamplingParams) {
             d.clone(),
         ))) as Box<dyn Drafter>)
     };
-    let ngram = || build_drafter(DrafterKind::Ngram, &target, None, None).unwrap();
+    let ngram =
+        || build_drafter(DrafterKind::Ngram, &target, None, DraftOptions::default()).unwrap();
     for (name, build, seeds) in [
         (
             "one-hot draft-model argmax",
@@ -1044,7 +1088,12 @@ fn check_pair_is_refused_or_harmless(target: &LoadedModel, draft: &LoadedModel) 
         draft.tokenizer.fingerprint(),
         target.tokenizer.fingerprint()
     );
-    let Ok(drafter) = build_drafter(DrafterKind::Model, target, Some(draft), None) else {
+    let Ok(drafter) = build_drafter(
+        DrafterKind::Model,
+        target,
+        Some(draft),
+        DraftOptions::default(),
+    ) else {
         return; // Refused at pairing: fine.
     };
     let mut g = Generator::new(target.model.clone(), drafter);
@@ -1120,7 +1169,13 @@ fn draft_model_with_a_shorter_context_degrades_gracefully() {
     let reference = greedy_reference(&target.model, &prompt, TINY_NEW_TOKENS);
     let mut g = Generator::new(
         target.model.clone(),
-        build_drafter(DrafterKind::Model, &target, Some(&draft), None).unwrap(),
+        build_drafter(
+            DrafterKind::Model,
+            &target,
+            Some(&draft),
+            DraftOptions::default(),
+        )
+        .unwrap(),
     );
     let (out, st) = run(
         &mut g,
@@ -1156,7 +1211,13 @@ fn draft_model_shorter_than_the_prompt_degrades_gracefully() {
     let reference = greedy_reference(&target.model, &prompt, 16);
     let mut g = Generator::new(
         target.model.clone(),
-        build_drafter(DrafterKind::Model, &target, Some(&draft), None).unwrap(),
+        build_drafter(
+            DrafterKind::Model,
+            &target,
+            Some(&draft),
+            DraftOptions::default(),
+        )
+        .unwrap(),
     );
     let (out, _) = run(
         &mut g,

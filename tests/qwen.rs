@@ -11,7 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 use specd_core::SamplingParams;
-use specd_engine::preset::{build_drafter, check_pair};
+use specd_engine::preset::{build_drafter, check_pair, DraftOptions};
 use specd_engine::{DrafterKind, GenerateOptions, Generator, LoadedModel};
 use specd_tests::{check_matmul_rows, shared_real, QWEN_DRAFT_FILE, QWEN_TARGET_FILE};
 
@@ -73,7 +73,7 @@ fn qwen_greedy_speculation_equals_plain_greedy() {
     assert_eq!(reference.len(), NEW_TOKENS, "plain decoding stopped early");
 
     for (kind, k) in [(DrafterKind::Model, Some(4)), (DrafterKind::Ngram, None)] {
-        let drafter = build_drafter(kind, target, Some(draft), None).unwrap();
+        let drafter = build_drafter(kind, target, Some(draft), DraftOptions::default()).unwrap();
         let mut g = Generator::new(target.model.clone(), drafter);
         let (out, st) = g.generate(&prompt, &opts(k), |_| true).unwrap();
         let text = target.tokenizer.decode(&out, false).unwrap();

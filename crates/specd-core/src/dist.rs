@@ -51,6 +51,14 @@ pub enum DistError {
     /// The weights passed to [`SparseDist::from_weights`] sum to 0 or overflow.
     #[error("total weight is {0}; it must be finite and > 0")]
     BadTotal(f64),
+    /// [`SparseDist::map_ids`] met an id its table does not cover.
+    #[error("id {id} has no entry in an id table of {len}")]
+    UnmappedId {
+        /// The id without an entry.
+        id: u32,
+        /// The table's length.
+        len: usize,
+    },
     /// The sampling parameters are out of range.
     #[error(transparent)]
     Params(#[from] ParamError),
@@ -556,6 +564,20 @@ impl SparseDist {
         }
     }
 
+    /// Renames every id `i` to `table[i]`: a distribution over the columns of a vocabulary subset (a
+    /// drafter's trimmed LM head) becomes one over token ids. `table` must be strictly ascending, so the
+    /// ids stay strictly ascending; errors if an id has no entry.
+    pub fn map_ids(mut self, table: &[u32]) -> Result<Self, DistError> {
+        debug_assert!(table.windows(2).all(|w| w[0] < w[1]), "table not ascending");
+        for id in &mut self.ids {
+            *id = *table.get(*id as usize).ok_or(DistError::UnmappedId {
+                id: *id,
+                len: table.len(),
+            })?;
+        }
+        Ok(self)
+    }
+
     /// Probability of `id` (0 if absent). O(log len).
     pub fn prob(&self, id: u32) -> f32 {
         match self.ids.binary_search(&id) {
@@ -647,6 +669,19 @@ mod tests {
         assert!(d.probs().iter().all(|&p| p > 0.0 && p.is_finite()));
         let s: f64 = d.probs().iter().map(|&p| f64::from(p)).sum();
         assert!((s - 1.0).abs() < 1e-5, "sum {s}");
+    }
+
+    #[test]
+    fn map_ids_renames_through_an_ascending_table() {
+        let d = SparseDist::from_logits(&[0.0, 1.0, 2.0], &params(1.0, 0, 1.0)).unwrap();
+        let m = d.clone().map_ids(&[5, 40, 41]).unwrap();
+        assert_valid(&m);
+        assert_eq!(m.ids(), &[5, 40, 41]);
+        assert_eq!(m.probs(), d.probs());
+        assert_eq!(
+            d.map_ids(&[5, 40]),
+            Err(DistError::UnmappedId { id: 2, len: 2 })
+        );
     }
 
     /// Straightforward reference: full softmax, full sorts, prefix.

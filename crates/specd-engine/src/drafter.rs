@@ -122,23 +122,57 @@ pub trait Drafter: Send {
 }
 
 /// A drafter running a decoder: a separate draft model or a self-drafter.
+///
+/// With a trimmed LM head (`preset::trim_draft_head`) it widens the head per sequence to every token the
+/// sequence has shown beyond the head's prefix (prompt and output): a rare identifier in the code being
+/// edited, or one that recurs in the answer, stays draftable for the cost of a few extra head rows.
 pub struct ModelDrafter {
     kind: DrafterKind,
+    /// As built, with the head's base extra ids (the stop tokens).
+    base: Model,
+    /// `base` with this sequence's extra head rows.
     model: Model,
     cache: KvCache,
     /// Tokens whose keys and values are in `cache`.
     fed: Vec<u32>,
 }
 
+/// At most this many extra head rows per sequence (a long prompt of rare tokens must not rebuild the
+/// whole head).
+const MAX_EXTRA_HEAD_IDS: usize = 4096;
+
 impl ModelDrafter {
     pub fn new(kind: DrafterKind, model: Model) -> Self {
         let cache = model.new_cache();
         Self {
             kind,
+            base: model.clone(),
             model,
             cache,
             fed: Vec::new(),
         }
+    }
+
+    /// Makes every token of `tokens` draftable (a trimmed head gets rows for those it lacks).
+    fn widen_head(&mut self, tokens: &[u32]) -> Result<(), EngineError> {
+        let Some((prefix, extra)) = self.model.head_prefix() else {
+            return Ok(());
+        };
+        let mut missing: Vec<u32> = tokens
+            .iter()
+            .copied()
+            .filter(|&t| t as usize >= prefix && extra.binary_search(&t).is_err())
+            .collect();
+        if missing.is_empty() || extra.len() >= MAX_EXTRA_HEAD_IDS {
+            return Ok(());
+        }
+        missing.sort_unstable();
+        missing.dedup();
+        missing.truncate(MAX_EXTRA_HEAD_IDS - extra.len());
+        missing.extend_from_slice(extra);
+        missing.sort_unstable();
+        self.model = self.model.with_head_extra(missing)?;
+        Ok(())
     }
 
     /// Feeds `history[keep..]` after rolling back to the longest prefix shared with what was fed; returns
@@ -152,6 +186,7 @@ impl ModelDrafter {
             .count();
         // At least the last token must be fed to get logits after it.
         let keep = common.min(history.len().saturating_sub(1));
+        self.widen_head(&history[keep..])?;
         self.cache.truncate(keep);
         self.fed.truncate(keep);
         let logits = self
@@ -170,6 +205,8 @@ impl Drafter for ModelDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError> {
         self.cache.truncate(0);
         self.fed.clear();
+        self.model = self.base.clone();
+        self.widen_head(prompt)?;
         // A prompt beyond the draft model's context is decoded without drafts (`propose` returns none).
         if prompt.len() > 1 && prompt.len() < self.model.config().context {
             // Prefill all but the last prompt token; the first proposal feeds that one.
@@ -194,7 +231,10 @@ impl Drafter for ModelDrafter {
         }
         let mut logits = self.sync(history)?;
         loop {
-            let q = SparseDist::from_logits(&logits, params)?;
+            let mut q = SparseDist::from_logits(&logits, params)?;
+            if let Some(ids) = self.model.logit_ids() {
+                q = q.map_ids(ids)?;
+            }
             let t = sampler.sample(&q);
             out.tokens.push(t);
             out.q.push(q);
@@ -663,6 +703,90 @@ impl Drafter for NgramDrafter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Family;
+    use crate::load::load_gguf;
+    use crate::testing::{write_tiny_model, TinySpec};
+
+    fn tiny_model() -> Model {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_model(&path, &TinySpec::new(Family::Qwen2, 7)).expect("write");
+        load_gguf(&path).expect("load").model
+    }
+
+    #[test]
+    fn trimmed_head_logits_are_the_full_heads_columns() {
+        let full = tiny_model();
+        let vocab = full.config().vocab;
+        let trimmed = full
+            .with_head_prefix(vocab / 2, vec![vocab as u32 - 3, vocab as u32 - 1])
+            .expect("trim");
+        let ids = trimmed.logit_ids().expect("trimmed").to_vec();
+        assert_eq!(ids.len(), vocab / 2 + 2);
+        let tokens = [5u32, 9, 17, 3];
+        let a = full
+            .forward(&mut full.new_cache(), &tokens, LogitsWanted::All)
+            .expect("full");
+        let b = trimmed
+            .forward(&mut trimmed.new_cache(), &tokens, LogitsWanted::All)
+            .expect("trimmed");
+        assert_eq!(b.len(), tokens.len() * ids.len());
+        for r in 0..tokens.len() {
+            for (c, &id) in ids.iter().enumerate() {
+                let (x, y) = (a[r * vocab + id as usize], b[r * ids.len() + c]);
+                assert_eq!(x.to_bits(), y.to_bits(), "row {r} id {id}");
+            }
+        }
+        // Widening shares the prefix and replaces the extra ids.
+        let wide = trimmed
+            .with_head_extra(vec![vocab as u32 - 2])
+            .expect("widen");
+        assert_eq!(wide.head_prefix().expect("trimmed").1, &[vocab as u32 - 2]);
+        assert!(full.with_head_prefix(0, vec![]).is_err());
+        assert!(
+            full.with_head_prefix(8, vec![3]).is_err(),
+            "extra id inside the prefix"
+        );
+        assert!(
+            full.with_head_prefix(8, vec![20, 10]).is_err(),
+            "not ascending"
+        );
+    }
+
+    #[test]
+    fn a_trimmed_drafter_drafts_from_its_prefix_and_the_tokens_its_sequence_showed() {
+        let full = tiny_model();
+        let greedy = SamplingParams::greedy();
+        let mut sampler = Sampler::new(Some(1));
+        // A head of id 0 only: every other draftable id must come from the sequence.
+        let mut d = ModelDrafter::new(
+            DrafterKind::Model,
+            full.with_head_prefix(1, vec![]).expect("trim"),
+        );
+        let prompt: Vec<u32> = vec![7, 11, 13, 2, 5, 11];
+        d.begin(&prompt).expect("begin");
+        let mut history = prompt.clone();
+        for step in 0..4 {
+            let logits = full
+                .forward(&mut full.new_cache(), &history, LogitsWanted::Last)
+                .expect("forward");
+            let allowed = |t: &u32| *t == 0 || history.contains(t);
+            let want = (0..logits.len() as u32)
+                .filter(allowed)
+                .max_by(|&a, &b| {
+                    logits[a as usize]
+                        .total_cmp(&logits[b as usize])
+                        .then(b.cmp(&a))
+                })
+                .expect("some id");
+            let p = d
+                .propose(&history, 1, &greedy, &mut sampler)
+                .expect("propose");
+            assert_eq!(p.tokens, vec![want], "step {step}");
+            // The sequence goes on with a token the head did not have: it becomes draftable.
+            history.push(40 + step);
+        }
+    }
 
     #[test]
     fn lookup_continues_latest_match() {

@@ -93,11 +93,27 @@ pub struct SeqInput<'a> {
     pub wanted: LogitsWanted,
 }
 
+/// An LM head cut down to the first token ids plus a few more: a drafter's cheaper head (see
+/// [`Model::with_head_prefix`]).
+#[derive(Debug)]
+struct HeadSubset {
+    /// Rows for token ids `0..prefix.rows()`, shared by every model trimmed from the same one.
+    prefix: Arc<QWeight>,
+    /// Rows for `extra_ids`.
+    extra: QWeight,
+    /// Further token ids, strictly ascending, all `>= prefix.rows()`.
+    extra_ids: Vec<u32>,
+    /// The token id of every logit column: `0..prefix.rows()` then `extra_ids`.
+    ids: Vec<u32>,
+}
+
 /// A decoder over shared weights.
 #[derive(Clone, Debug)]
 pub struct Model {
     cfg: ModelConfig,
     weights: Arc<Weights>,
+    /// When set, logits are computed only for these token ids.
+    head: Option<Arc<HeadSubset>>,
 }
 
 impl Model {
@@ -110,7 +126,11 @@ impl Model {
                 weights.layers.len()
             )));
         }
-        Ok(Self { cfg, weights })
+        Ok(Self {
+            cfg,
+            weights,
+            head: None,
+        })
     }
 
     /// The same model using only its first `n_layers` layers, then the final norm and LM head: a
@@ -127,7 +147,83 @@ impl Model {
         Ok(Self {
             cfg,
             weights: Arc::clone(&self.weights),
+            head: self.head.clone(),
         })
+    }
+
+    /// The LM head of the file (the embedding when tied).
+    fn full_head(&self) -> &QWeight {
+        self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed)
+    }
+
+    /// The same model computing logits only for token ids below `prefix` and those in `extra_ids`: its
+    /// LM head keeps those rows (a copy of them; every other weight is shared). For a drafter, where the
+    /// head is a large part of a step (the Qwen 0.5B's is 30% of its weight bytes) and rarely used tokens
+    /// are rarely worth drafting; the target verifying the drafts keeps the full vocabulary, so nothing is
+    /// lost but the chance to draft the tokens left out. [`Model::logit_ids`] maps logit columns to ids.
+    pub fn with_head_prefix(
+        &self,
+        prefix: usize,
+        extra_ids: Vec<u32>,
+    ) -> Result<Self, EngineError> {
+        let full = self.full_head();
+        if prefix == 0 || prefix > full.rows() {
+            return Err(EngineError::InvalidRequest(format!(
+                "a head prefix of {prefix} ids must be in 1..={}",
+                full.rows()
+            )));
+        }
+        let rows: Vec<u32> = (0..prefix as u32).collect();
+        let prefix = Arc::new(full.select_rows(&rows)?);
+        self.with_prefix_and_extra(prefix, extra_ids)
+    }
+
+    /// A model with a head prefix ([`Model::with_head_prefix`]) and another set of extra ids, sharing
+    /// the prefix rows: cheap enough to make per sequence (only the extra rows are copied). Unchanged
+    /// model without a head prefix.
+    pub fn with_head_extra(&self, extra_ids: Vec<u32>) -> Result<Self, EngineError> {
+        match &self.head {
+            Some(h) => self.with_prefix_and_extra(Arc::clone(&h.prefix), extra_ids),
+            None => Ok(self.clone()),
+        }
+    }
+
+    fn with_prefix_and_extra(
+        &self,
+        prefix: Arc<QWeight>,
+        extra_ids: Vec<u32>,
+    ) -> Result<Self, EngineError> {
+        let n = prefix.rows() as u32;
+        if !extra_ids.windows(2).all(|w| w[0] < w[1]) || extra_ids.first().is_some_and(|&f| f < n) {
+            return Err(EngineError::InvalidRequest(format!(
+                "extra head ids must be strictly ascending and at least {n}"
+            )));
+        }
+        let extra = self.full_head().select_rows(&extra_ids)?;
+        let ids = (0..n).chain(extra_ids.iter().copied()).collect();
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            weights: Arc::clone(&self.weights),
+            head: Some(Arc::new(HeadSubset {
+                prefix,
+                extra,
+                extra_ids,
+                ids,
+            })),
+        })
+    }
+
+    /// The token id of each logit column when the head is trimmed ([`Model::with_head_prefix`]);
+    /// `None` when column i is token i.
+    pub fn logit_ids(&self) -> Option<&[u32]> {
+        self.head.as_deref().map(|h| h.ids.as_slice())
+    }
+
+    /// The size of the trimmed head's prefix and its extra ids, when the head is trimmed.
+    pub fn head_prefix(&self) -> Option<(usize, &[u32])> {
+        self.head
+            .as_deref()
+            .map(|h| (h.prefix.rows(), h.extra_ids.as_slice()))
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -143,7 +239,8 @@ impl Model {
         KvCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim)
     }
 
-    /// Feeds `tokens` to one sequence; returns the wanted logits, row-major `rows x vocab`.
+    /// Feeds `tokens` to one sequence; returns the wanted logits, row-major `rows x vocab` (`rows x
+    /// subset` with a head subset).
     pub fn forward(
         &self,
         cache: &mut KvCache,
@@ -260,13 +357,28 @@ impl Model {
                 &mut sel[i * d..(i + 1) * d],
             );
         }
-        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        let logits = if want_rows.is_empty() {
-            Vec::new()
-        } else {
-            head.matmul(&sel, want_rows.len())
+        let (logits, vocab) = match (&self.head, want_rows.len()) {
+            (_, 0) => (Vec::new(), 0),
+            (None, w) => {
+                let head = self.full_head();
+                (head.matmul(&sel, w), head.rows())
+            }
+            (Some(h), w) => {
+                let (p, e) = (h.prefix.rows(), h.extra.rows());
+                let a = h.prefix.matmul(&sel, w);
+                let b = if e > 0 {
+                    h.extra.matmul(&sel, w)
+                } else {
+                    Vec::new()
+                };
+                let mut l = Vec::with_capacity(w * (p + e));
+                for r in 0..w {
+                    l.extend_from_slice(&a[r * p..(r + 1) * p]);
+                    l.extend_from_slice(&b[r * e..(r + 1) * e]);
+                }
+                (l, p + e)
+            }
         };
-        let vocab = head.rows();
         let mut out = Vec::with_capacity(batch.len());
         let mut taken = 0;
         for s in batch.iter() {

@@ -195,8 +195,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Runner::Target => &target,
                 Runner::DrafterAlone => draft.as_ref().context("no draft model")?,
             };
-            let drafter =
-                build_drafter(cfg.drafter, &target, draft.as_ref(), args.model.self_layers)?;
+            let drafter = build_drafter(
+                cfg.drafter,
+                &target,
+                draft.as_ref(),
+                args.model.draft_options(),
+            )?;
             Ok(Generator::new(model.model.clone(), drafter))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -147,7 +147,7 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for drafter in &args.drafters {
             let kind: DrafterKind = drafter.parse()?;
-            let built = build_drafter(kind, &target, draft.as_ref(), args.model.self_layers)?;
+            let built = build_drafter(kind, &target, draft.as_ref(), args.model.draft_options())?;
             let mut single = Generator::new(target.model.clone(), built);
             let mut opts = GenerateOptions::new(args.max_new_tokens, params.clone());
             opts.stop_ids = target.tokenizer.stop_ids().to_vec();

@@ -71,9 +71,24 @@ pub struct ModelArgs {
     /// Layers kept by the self-drafter (default: a quarter of the target's).
     #[arg(long, env = "SPECD_SELF_LAYERS")]
     pub self_layers: Option<usize>,
+    /// Token ids a model or self drafter can propose: those below this, plus the stop tokens (0: the
+    /// whole vocabulary). A smaller LM head makes every draft step cheaper; the target still verifies
+    /// against the whole vocabulary, so output is unchanged.
+    #[arg(long, env = "SPECD_DRAFT_VOCAB", default_value_t = specd_engine::preset::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, env = "SPECD_THREADS")]
     pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// How model drafters are built.
+    pub fn draft_options(&self) -> specd_engine::preset::DraftOptions {
+        specd_engine::preset::DraftOptions {
+            self_layers: self.self_layers,
+            vocab: self.draft_vocab,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -79,7 +79,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         preset,
         &args.model.models_dir,
     )?;
-    let drafter = build_drafter(kind, &target, draft.as_ref(), args.model.self_layers)?;
+    let drafter = build_drafter(kind, &target, draft.as_ref(), args.model.draft_options())?;
     let mut generator = Generator::new(target.model.clone(), drafter);
     let mut opts = GenerateOptions::new(args.max_new_tokens, params);
     opts.draft_len = args.draft_len;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use specd_coord::{EtcdConfig, InstanceRecord, Role, Store};
-use specd_engine::preset::{default_self_layers, Preset};
+use specd_engine::preset::{default_self_layers, trim_draft_head, Preset};
 use specd_engine::{load_gguf, LoadedModel};
 use specd_proto::internal::v1::drafter_server::DrafterServer;
 use specd_proto::internal::v1::target_server::TargetServer;
@@ -321,13 +321,21 @@ pub(crate) fn drafter_models(
                     })?;
                 let draft = load_gguf(&path)?;
                 specd_engine::preset::check_pair(target, &draft)?;
-                models.draft = Some(draft.model.clone());
+                models.draft = Some(trim_draft_head(
+                    &draft.model,
+                    draft.tokenizer.stop_ids(),
+                    margs.draft_vocab,
+                )?);
             }
             "self" => {
                 let n = margs
                     .self_layers
                     .unwrap_or_else(|| default_self_layers(target.model.config().layers));
-                models.self_drafter = Some(target.model.truncated(n)?);
+                models.self_drafter = Some(trim_draft_head(
+                    &target.model.truncated(n)?,
+                    target.tokenizer.stop_ids(),
+                    margs.draft_vocab,
+                )?);
             }
             "ngram" | "auto" => models.ngram = true,
             other => bail!("unknown drafter kind {other:?} (model, self, ngram)"),
