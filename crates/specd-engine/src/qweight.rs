@@ -16,15 +16,17 @@
 //! and applied to every row while they sit in L1, so a verify of k+1 rows costs far less than k+1 decode
 //! steps on a memory-bound CPU.
 //!
-//! Q5_0 tensors (most of Qwen2.5-0.5B, whose hidden size 896 is not a multiple of 256) are converted to
-//! Q8_0 at load: every Q5_0 value is `d * (q - 16)` with `q` in 0..32 and Q8_0 stores `d * q` with `q` an
-//! i8 over the same 32-element block, so the conversion is exact, and Q8_0 has a SIMD kernel where Q5_0
-//! has only a scalar one.
+//! Q5_0 tensors (most of Qwen2.5-0.5B, whose hidden size 896 is not a multiple of 256) keep their 5.5
+//! bits and get a multi-row kernel (`kernels.rs`). On CPUs without AVX2 they are converted to Q8_0 at
+//! load instead: every Q5_0 value is `d * (q - 16)` with `q` in 0..32 and Q8_0 stores `d * q` with `q` an
+//! i8 over the same 32-element block, so the conversion is exact, and candle's Q8_0 `vec_dot` is faster
+//! than its scalar Q5_0 one.
 //!
 //! It does not know about layers or models; `model.rs` composes these.
 
 use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_1, BlockQ6K, BlockQ8_0,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8_0,
 };
 use candle_core::quantized::{GgmlDType, GgmlType};
 use half::f16;
@@ -46,6 +48,7 @@ pub enum QData {
     F16(Vec<f16>),
     Q4_0(Vec<BlockQ4_0>),
     Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
     Q5_1(Vec<BlockQ5_1>),
     Q8_0(Vec<BlockQ8_0>),
     Q2K(Vec<BlockQ2K>),
@@ -164,6 +167,9 @@ impl QWeight {
             GgmlDType::F16 => QData::F16(blocks_from_bytes::<f16>(bytes, count)?),
             GgmlDType::Q4_0 => QData::Q4_0(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q4_1 => QData::Q4_1(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q5_0 if kernels::available() => {
+                QData::Q5_0(blocks_from_bytes(bytes, count)?)
+            }
             GgmlDType::Q5_0 => QData::Q8_0(q5_0_bytes_to_q8_0(bytes, count)?),
             GgmlDType::Q5_1 => QData::Q5_1(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q8_0 => QData::Q8_0(blocks_from_bytes(bytes, count)?),
@@ -207,6 +213,7 @@ impl QWeight {
             QData::F16(v) => b(v),
             QData::Q4_0(v) => b(v),
             QData::Q4_1(v) => b(v),
+            QData::Q5_0(v) => b(v),
             QData::Q5_1(v) => b(v),
             QData::Q8_0(v) => b(v),
             QData::Q2K(v) => b(v),
@@ -225,6 +232,7 @@ impl QWeight {
             QData::F16(_) => "f16",
             QData::Q4_0(_) => "q4_0",
             QData::Q4_1(_) => "q4_1",
+            QData::Q5_0(_) => "q5_0",
             QData::Q5_1(_) => "q5_1",
             QData::Q8_0(_) => "q8_0",
             QData::Q2K(_) => "q2_k",
@@ -252,6 +260,7 @@ impl QWeight {
             QData::F16(v) => deq(v, row, self.k, out),
             QData::Q4_0(v) => deq(v, row, self.k, out),
             QData::Q4_1(v) => deq(v, row, self.k, out),
+            QData::Q5_0(v) => deq(v, row, self.k, out),
             QData::Q5_1(v) => deq(v, row, self.k, out),
             QData::Q8_0(v) => deq(v, row, self.k, out),
             QData::Q2K(v) => deq(v, row, self.k, out),
@@ -280,6 +289,8 @@ impl QWeight {
             QData::Q4_0(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q4_1(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q4_1(w) => matmul_blocks(w, self.n, self.k, x, m),
+            QData::Q5_0(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
+            QData::Q5_0(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q5_1(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q8_0(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q8_0(w) => matmul_blocks(w, self.n, self.k, x, m),
@@ -314,6 +325,7 @@ impl QWeight {
             QData::F16(v) => QData::F16(sel(v, k, keep)),
             QData::Q4_0(v) => QData::Q4_0(sel(v, k / 32, keep)),
             QData::Q4_1(v) => QData::Q4_1(sel(v, k / 32, keep)),
+            QData::Q5_0(v) => QData::Q5_0(sel(v, k / 32, keep)),
             QData::Q5_1(v) => QData::Q5_1(sel(v, k / 32, keep)),
             QData::Q8_0(v) => QData::Q8_0(sel(v, k / 32, keep)),
             QData::Q2K(v) => QData::Q2K(sel(v, k / 256, keep)),
@@ -583,13 +595,22 @@ pub(crate) mod tests {
             .flatten_all()
             .expect("f");
         let want = want.to_vec1::<f32>().expect("vec");
-        let qw = QWeight::from_ggml_bytes(GgmlDType::Q5_0, n, k, &q.data().expect("data"))
-            .expect("load");
-        assert_eq!(qw.dtype_name(), "q8_0");
+        let bytes = q.data().expect("data");
+        let converted = QWeight {
+            n,
+            k,
+            data: QData::Q8_0(q5_0_bytes_to_q8_0(&bytes, n * k / 32).expect("convert")),
+        };
+        // As loaded: kept as Q5_0 where the multi-row kernels run, converted elsewhere.
+        let loaded = QWeight::from_ggml_bytes(GgmlDType::Q5_0, n, k, &bytes).expect("load");
+        let kept = if kernels::available() { "q5_0" } else { "q8_0" };
+        assert_eq!(loaded.dtype_name(), kept);
         let mut row = vec![0f32; k];
-        for r in 0..n {
-            qw.dequantize_row(r, &mut row).expect("row");
-            assert_eq!(row, want[r * k..(r + 1) * k].to_vec());
+        for qw in [&converted, &loaded] {
+            for r in 0..n {
+                qw.dequantize_row(r, &mut row).expect("row");
+                assert_eq!(row, want[r * k..(r + 1) * k].to_vec());
+            }
         }
     }
 

@@ -1,7 +1,7 @@
 //! Tiny random-weight model files for hermetic tests (here, in the services and in `tests/`).
 //!
 //! [`write_tiny_model`] writes a complete GGUF file: a Qwen2- or Llama-shaped decoder with random weights
-//! quantized to the same formats real files use (Q4_K, Q6_K, Q8_0, Q5_0 converted on load), plus the tiny
+//! quantized to the same formats real files use (Q4_K, Q6_K, Q8_0, Q5_0), plus the tiny
 //! byte-level BPE tokenizer from `specd_tokenizer::testing`. Everything a real model exercises (loading,
 //! tokenizer, quantized kernels, biases, both RoPE layouts, GQA) is exercised in milliseconds.
 
