@@ -92,6 +92,14 @@ pub trait Drafter: Send {
     /// Prepares for a new sequence with this prompt (a model drafter prefills here).
     fn begin(&mut self, prompt: &[u32]) -> Result<(), EngineError>;
 
+    /// Brings the drafter's own state up to all of `history` but its last token, ahead of a proposal: a
+    /// model drafter feeds the tokens it missed while speculation was off. Separate from
+    /// [`Drafter::propose`] so that the caller can time drafting apart from this catch-up, whose cost
+    /// depends on how long the drafter sat idle, not on how many tokens it drafts.
+    fn catch_up(&mut self, _history: &[u32]) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Proposes up to `k` tokens continuing `history` (prompt plus every token emitted so far). May return
     /// fewer, or none when it has nothing worth proposing.
     fn propose(
@@ -176,8 +184,8 @@ impl ModelDrafter {
     }
 
     /// Feeds `history[keep..]` after rolling back to the longest prefix shared with what was fed; returns
-    /// the logits after the last token.
-    fn sync(&mut self, history: &[u32]) -> Result<Vec<f32>, EngineError> {
+    /// the logits after the last token (none with `LogitsWanted::None`).
+    fn sync(&mut self, history: &[u32], wanted: LogitsWanted) -> Result<Vec<f32>, EngineError> {
         let common = self
             .fed
             .iter()
@@ -191,7 +199,7 @@ impl ModelDrafter {
         self.fed.truncate(keep);
         let logits = self
             .model
-            .forward(&mut self.cache, &history[keep..], LogitsWanted::Last)?;
+            .forward(&mut self.cache, &history[keep..], wanted)?;
         self.fed.extend_from_slice(&history[keep..]);
         Ok(logits)
     }
@@ -218,6 +226,26 @@ impl Drafter for ModelDrafter {
         Ok(())
     }
 
+    fn catch_up(&mut self, history: &[u32]) -> Result<(), EngineError> {
+        // The same bound as `propose`'s: a history the model cannot hold is not fed.
+        if history.len() >= self.model.config().context {
+            return Ok(());
+        }
+        let upto = history.len().saturating_sub(1);
+        let common = self
+            .fed
+            .iter()
+            .zip(history)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // A token or two behind is the normal state after a verify: `propose` feeds them in its first
+        // forward, with the last token, at no extra pass.
+        if upto >= common + 2 {
+            self.sync(&history[..upto], LogitsWanted::None)?;
+        }
+        Ok(())
+    }
+
     fn propose(
         &mut self,
         history: &[u32],
@@ -229,7 +257,7 @@ impl Drafter for ModelDrafter {
         if k == 0 || history.is_empty() || history.len() + k > self.model.config().context {
             return Ok(out);
         }
-        let mut logits = self.sync(history)?;
+        let mut logits = self.sync(history, LogitsWanted::Last)?;
         loop {
             let mut q = SparseDist::from_logits(&logits, params)?;
             if let Some(ids) = self.model.logit_ids() {
@@ -786,6 +814,32 @@ mod tests {
             // The sequence goes on with a token the head did not have: it becomes draftable.
             history.push(40 + step);
         }
+    }
+
+    #[test]
+    fn catch_up_feeds_what_was_missed_and_changes_no_proposal() {
+        let model = tiny_model();
+        let greedy = SamplingParams::greedy();
+        let mut sampler = Sampler::new(Some(1));
+        let prompt: Vec<u32> = vec![7, 11, 13, 2, 5];
+        let mut history = prompt.clone();
+        history.extend([9, 4, 17, 21, 3, 8]);
+        let mut plain = ModelDrafter::new(DrafterKind::Model, model.clone());
+        let mut caught = ModelDrafter::new(DrafterKind::Model, model);
+        plain.begin(&prompt).expect("begin");
+        caught.begin(&prompt).expect("begin");
+        caught.catch_up(&history).expect("catch up");
+        assert_eq!(caught.fed, history[..history.len() - 1]);
+        // Already caught up (or one token behind): nothing more is fed.
+        caught.catch_up(&history).expect("catch up");
+        assert_eq!(caught.fed.len(), history.len() - 1);
+        let a = plain
+            .propose(&history, 3, &greedy, &mut sampler)
+            .expect("plain");
+        let b = caught
+            .propose(&history, 3, &greedy, &mut sampler)
+            .expect("caught");
+        assert_eq!(a.tokens, b.tokens);
     }
 
     #[test]

@@ -229,6 +229,17 @@ impl Generator {
                 Some(_) => controller.choose(costs).min(room),
                 None => 0,
             };
+            // A model drafter first feeds what it missed while speculation was off; that catch-up is
+            // draft time for the stats but not a per-token draft cost for the controller (a catch-up
+            // over 30 idle tokens counted per drafted token made drafting look several times dearer
+            // than it is, and the adaptive length then kept it off).
+            if want > 0 {
+                if let Some(d) = self.drafter.as_mut() {
+                    let t = Instant::now();
+                    d.catch_up(&history)?;
+                    stats.draft_ms += ms_since(t);
+                }
+            }
             let t_draft = Instant::now();
             let proposal = match (self.drafter.as_mut(), want) {
                 (Some(d), k) if k > 0 => d.propose(&history, k, params, &mut sampler)?,
