@@ -183,15 +183,19 @@ impl ModelDrafter {
         Ok(())
     }
 
-    /// Feeds `history[keep..]` after rolling back to the longest prefix shared with what was fed; returns
-    /// the logits after the last token (none with `LogitsWanted::None`).
-    fn sync(&mut self, history: &[u32], wanted: LogitsWanted) -> Result<Vec<f32>, EngineError> {
-        let common = self
-            .fed
+    /// How many leading tokens of `history` are already in the cache.
+    fn common_prefix(&self, history: &[u32]) -> usize {
+        self.fed
             .iter()
             .zip(history)
             .take_while(|(a, b)| a == b)
-            .count();
+            .count()
+    }
+
+    /// Feeds `history[keep..]` after rolling back to the longest prefix shared with what was fed; returns
+    /// the logits after the last token (none with `LogitsWanted::None`).
+    fn sync(&mut self, history: &[u32], wanted: LogitsWanted) -> Result<Vec<f32>, EngineError> {
+        let common = self.common_prefix(history);
         // At least the last token must be fed to get logits after it.
         let keep = common.min(history.len().saturating_sub(1));
         self.widen_head(&history[keep..])?;
@@ -232,12 +236,7 @@ impl Drafter for ModelDrafter {
             return Ok(());
         }
         let upto = history.len().saturating_sub(1);
-        let common = self
-            .fed
-            .iter()
-            .zip(history)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = self.common_prefix(history);
         // A token or two behind is the normal state after a verify: `propose` feeds them in its first
         // forward, with the last token, at no extra pass.
         if upto >= common + 2 {
