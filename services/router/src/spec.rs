@@ -242,7 +242,9 @@ pub async fn run(
                     worker_ms += p.draft_ms;
                     kc.propose_ms = Some(kc.propose_ms.map_or(rtt, |m| 0.8 * m + 0.2 * rtt));
                     if !p.tokens.is_empty() {
-                        kc.costs.record_draft(p.tokens.len(), rtt);
+                        // A catch-up over tokens the drafter missed is not a per-token cost.
+                        kc.costs
+                            .record_draft(p.tokens.len(), (rtt - p.catch_up_ms).max(0.0));
                     }
                     drafts = p.tokens;
                     q = p.q;

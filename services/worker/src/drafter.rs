@@ -312,13 +312,18 @@ impl DrafterService {
                 let costs: Vec<f64> = p.step_costs.iter().map(|&c| f64::from(c)).collect();
                 state.drafter.set_step_costs(&costs);
             }
-            let r = state
-                .drafter
-                .propose(&state.tokens, k, &state.params, &mut state.sampler);
-            (state, r)
+            let tc = Instant::now();
+            let caught = state.drafter.catch_up(&state.tokens);
+            let catch_up_ms = tc.elapsed().as_secs_f64() * 1000.0;
+            let r = caught.and_then(|()| {
+                state
+                    .drafter
+                    .propose(&state.tokens, k, &state.params, &mut state.sampler)
+            });
+            (state, r, catch_up_ms)
         })
         .await;
-        let (mut state, r) = match joined {
+        let (mut state, r, catch_up_ms) = match joined {
             Ok(x) => x,
             Err(e) => {
                 return (
@@ -342,6 +347,7 @@ impl DrafterService {
                         tokens: proposal.tokens,
                         q,
                         draft_ms,
+                        catch_up_ms,
                     }),
                 )
             }
