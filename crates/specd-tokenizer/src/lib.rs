@@ -23,7 +23,7 @@ pub mod stream;
 pub mod testing;
 pub mod tokenizer;
 
-pub use chat::{render_chat, render_prompt, ChatMessage};
+pub use chat::{chat_prompt_ids, prompt_ids, render_chat, render_prompt, ChatMessage};
 pub use gguf_meta::{GgufMeta, GgufValueType, MetaValue, TensorInfo};
 pub use stream::DecodeStream;
 pub use tokenizer::{PreTokenizerKind, SpecdTokenizer};

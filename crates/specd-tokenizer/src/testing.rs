@@ -271,6 +271,32 @@ pub fn tiny_tokenizer() -> crate::SpecdTokenizer {
     }
 }
 
+/// The policy for a test whose model file is missing. Under `CI`, or with `SPECD_REQUIRE_MODELS` set
+/// (`make test` sets it), a missing model is a failure: the environment is broken, and a silent skip
+/// would turn coverage off unnoticed. Elsewhere the test prints `SKIP: ...` and the reason is appended
+/// to the file `$SPECD_SKIP_LOG`, if set, so a run can say how many tests it skipped (`make
+/// test-fast` does).
+pub fn missing_model(path: &std::path::Path) {
+    let reason = format!(
+        "model file {} not found (run `make models`, or set SPECD_MODELS_DIR)",
+        path.display()
+    );
+    if std::env::var_os("CI").is_some() || std::env::var_os("SPECD_REQUIRE_MODELS").is_some() {
+        panic!("{reason}; CI / SPECD_REQUIRE_MODELS is set, so real-model tests must run");
+    }
+    println!("SKIP: {reason}");
+    if let Some(log) = std::env::var_os("SPECD_SKIP_LOG") {
+        // Best effort: the count is a report, not a test result.
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{reason}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -239,6 +239,10 @@ impl Fnv64 {
 #[derive(Debug, Clone)]
 pub struct SpecdTokenizer {
     inner: Tokenizer,
+    /// `inner`, except that special-token strings in the text are encoded as the plain text they are
+    /// (`<|im_start|>` becomes `<`, `|`, `im`, ...): for text a user wrote, which must never carry
+    /// control tokens into a prompt.
+    plain: Arc<Tokenizer>,
     tokens: Arc<Vec<String>>,
     token_types: Arc<Vec<i32>>,
     table: Arc<TokenTable>,
@@ -452,8 +456,11 @@ impl SpecdTokenizer {
         }
         let fingerprint = format!("{:016x}", h.0);
 
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Self {
             inner,
+            plain: Arc::new(plain),
             tokens: Arc::new(tokens),
             token_types: Arc::new(token_types),
             table: Arc::new(table),
@@ -492,6 +499,17 @@ impl SpecdTokenizer {
             out.extend(self.eos);
         }
         Ok(out)
+    }
+
+    /// Encodes `text` as plain text: a special token's string written in it (`<|im_start|>`) is encoded
+    /// as ordinary characters, never as the control token. For user-written content inside a chat
+    /// template, so a message cannot forge a turn of another role. No BOS/EOS.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes `ids` to text (invalid UTF-8 becomes U+FFFD, as in `tokenizers`). With
