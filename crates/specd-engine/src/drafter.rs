@@ -149,6 +149,14 @@ pub struct ModelDrafter {
 /// whole head).
 const MAX_EXTRA_HEAD_IDS: usize = 4096;
 
+/// Most tokens in the support a model drafter samples from when sampling (temperature > 0): its
+/// distribution is cut to its `DRAFT_SUPPORT` most likely tokens (or the request's own top-k, if
+/// smaller) and renormalized, and that truncated distribution is both what it samples from and the q
+/// it reports. Verification stays exact (the rejection rule holds for any q the drafts were really
+/// drawn from) and a proposal stays small on the wire: a full 32K-152K-entry q per drafted token was
+/// 0.2-1.2 MB. The tail it drops holds little mass, so acceptance barely moves.
+pub const DRAFT_SUPPORT: usize = 64;
+
 impl ModelDrafter {
     pub fn new(kind: DrafterKind, model: Model) -> Self {
         let cache = model.new_cache();
@@ -257,8 +265,9 @@ impl Drafter for ModelDrafter {
             return Ok(out);
         }
         let mut logits = self.sync(history, LogitsWanted::Last)?;
+        let params = draft_params(params);
         loop {
-            let mut q = SparseDist::from_logits(&logits, params)?;
+            let mut q = SparseDist::from_logits(&logits, &params)?;
             if let Some(ids) = self.model.logit_ids() {
                 q = q.map_ids(ids)?;
             }
@@ -275,6 +284,16 @@ impl Drafter for ModelDrafter {
         }
         Ok(out)
     }
+}
+
+/// A model drafter's sampling parameters for a request's: the same, with the support cut to at most
+/// [`DRAFT_SUPPORT`] tokens.
+pub fn draft_params(params: &SamplingParams) -> SamplingParams {
+    let mut p = params.clone();
+    if p.top_k == 0 || p.top_k > DRAFT_SUPPORT {
+        p.top_k = DRAFT_SUPPORT;
+    }
+    p
 }
 
 /// Bounds of the n-gram drafter.
@@ -813,6 +832,43 @@ mod tests {
             // The sequence goes on with a token the head did not have: it becomes draftable.
             history.push(40 + step);
         }
+    }
+
+    #[test]
+    fn sampled_drafts_come_from_a_bounded_support_that_q_states_exactly() {
+        let model = tiny_model();
+        let vocab = model.config().vocab;
+        assert!(
+            vocab > DRAFT_SUPPORT,
+            "the tiny vocabulary must exceed the cap"
+        );
+        let params = SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::greedy()
+        };
+        let mut d = ModelDrafter::new(DrafterKind::Model, model.clone());
+        let prompt: Vec<u32> = vec![3, 9, 27, 81, 5];
+        d.begin(&prompt).expect("begin");
+        let mut sampler = Sampler::new(Some(7));
+        let p = d
+            .propose(&prompt, 8, &params, &mut sampler)
+            .expect("propose");
+        assert_eq!(p.tokens.len(), 8);
+        let mut history = prompt.clone();
+        for (t, q) in p.tokens.iter().zip(&p.q) {
+            assert!(q.len() <= DRAFT_SUPPORT, "q has {} entries", q.len());
+            assert!(q.prob(*t) > 0.0, "a draft outside its q");
+            // q is exactly the model's distribution cut to its top DRAFT_SUPPORT, renormalized.
+            let logits = model
+                .forward(&mut model.new_cache(), &history, LogitsWanted::Last)
+                .expect("forward");
+            let want = SparseDist::from_logits(&logits, &draft_params(&params)).expect("dist");
+            assert_eq!(q, &want);
+            history.push(*t);
+        }
+        // A request's own smaller top-k wins.
+        let narrow = SamplingParams { top_k: 5, ..params };
+        assert_eq!(draft_params(&narrow).top_k, 5);
     }
 
     #[test]

@@ -245,7 +245,19 @@ impl Generator {
                 (Some(d), k) if k > 0 => d.propose(&history, k, params, &mut sampler)?,
                 _ => Default::default(),
             };
-            let k = proposal.tokens.len().min(want);
+            let mut k = proposal.tokens.len().min(want);
+            if !params.is_greedy() && proposal.q.len() < k {
+                // A drafter bug: a sampled draft must come with the distribution it was drawn from.
+                // Verifying without it is impossible, failing the request is not an option: this
+                // step decodes plainly.
+                tracing::warn!(
+                    drafter = self.drafter_kind().name(),
+                    tokens = k,
+                    distributions = proposal.q.len(),
+                    "drafter proposed tokens without their distributions; ignoring the proposal"
+                );
+                k = 0;
+            }
             if want > 0 {
                 let ms = ms_since(t_draft);
                 stats.draft_ms += ms;
@@ -369,6 +381,57 @@ fn ms_since(t: Instant) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::drafter::Proposal;
+
+    /// Proposes its tokens but forgets their distributions.
+    struct Forgetful;
+
+    impl Drafter for Forgetful {
+        fn kind(&self) -> DrafterKind {
+            DrafterKind::Ngram
+        }
+        fn begin(&mut self, _prompt: &[u32]) -> Result<(), EngineError> {
+            Ok(())
+        }
+        fn propose(
+            &mut self,
+            _history: &[u32],
+            k: usize,
+            _params: &SamplingParams,
+            _sampler: &mut Sampler,
+        ) -> Result<Proposal, EngineError> {
+            Ok(Proposal {
+                tokens: vec![1; k],
+                q: Vec::new(),
+            })
+        }
+        fn is_free(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_drafter_without_distributions_costs_no_panic_and_no_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tiny.gguf");
+        crate::testing::write_tiny_model(
+            &path,
+            &crate::testing::TinySpec::new(crate::Family::Qwen2, 2),
+        )
+        .expect("write");
+        let model = crate::load_gguf(&path).expect("load").model;
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..SamplingParams::greedy()
+        };
+        let mut g = Generator::new(model, Some(Box::new(Forgetful)));
+        let mut opts = GenerateOptions::new(12, params);
+        opts.draft_len = Some(4);
+        let (out, stats) = g.generate(&[5, 6, 7], &opts, |_| true).expect("generates");
+        assert_eq!(out.len(), 12);
+        assert_eq!(stats.accepted, 0, "nothing unverifiable was accepted");
+    }
 
     #[test]
     fn top_ids_orders_and_breaks_ties_low() {
