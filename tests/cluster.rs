@@ -23,13 +23,15 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use specd_coord::testing::{etcd_or_skip, EtcdServer};
-use specd_engine::{load_gguf, Family, GenerateOptions, Generator, LoadedModel};
+use specd_engine::{load_gguf, Family, LoadedModel};
 use specd_proto::internal::v1::target_client::TargetClient;
 use specd_proto::internal::v1::InfoRequest;
 use specd_proto::v1::generate_request::Input;
 use specd_proto::v1::generation_client::GenerationClient;
 use specd_proto::v1::{FinishReason, GenerateRequest, ListModelsRequest};
-use specd_tests::{model_file, specd_bin, temp_dir, tiny_spec, write_tiny, SMOLLM_FILE};
+use specd_tests::{
+    model_file, plain_greedy, specd_bin, temp_dir, tiny_spec, write_tiny, SMOLLM_FILE,
+};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -143,6 +145,12 @@ struct Cluster {
     targets: Vec<Proc>,
     grpc: String,
     http: String,
+    /// Extra arguments for every worker started from now on.
+    worker_extra: Vec<String>,
+    /// Extra arguments for every target started from now on.
+    target_extra: Vec<String>,
+    /// Where each of `targets` listens.
+    target_addrs: Vec<String>,
 }
 
 impl Cluster {
@@ -166,9 +174,18 @@ impl Cluster {
             "1".into(),
         ];
         args.extend(self.common());
+        args.extend(self.worker_extra.iter().cloned());
+        args.extend(self.target_extra.iter().cloned());
         let n = self.targets.len();
-        let (p, _) = Proc::start(&format!("target{n}"), &args, self.dir.path());
+        let (p, banner) = Proc::start(&format!("target{n}"), &args, self.dir.path());
+        // "target listening on ADDR"
+        let addr = banner
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
         self.targets.push(p);
+        self.target_addrs.push(addr);
     }
 
     fn start_drafter(&mut self) {
@@ -182,6 +199,7 @@ impl Cluster {
             self.sel.kinds.into(),
         ];
         args.extend(self.common());
+        args.extend(self.worker_extra.iter().cloned());
         let n = self.drafters.len();
         let (p, _) = Proc::start(&format!("drafter{n}"), &args, self.dir.path());
         self.drafters.push(p);
@@ -210,6 +228,16 @@ impl Cluster {
 
     /// Etcd, one target, one drafter, one router.
     async fn start(sel: ModelSel, router_extra: &[&str]) -> Option<Cluster> {
+        Self::start_with(sel, router_extra, &[], &[]).await
+    }
+
+    /// [`Cluster::start`], with extra arguments for the workers and for the targets alone.
+    async fn start_with(
+        sel: ModelSel,
+        router_extra: &[&str],
+        worker_extra: &[&str],
+        target_extra: &[&str],
+    ) -> Option<Cluster> {
         let etcd = etcd_or_skip().await?;
         let mut c = Cluster {
             etcd,
@@ -220,6 +248,9 @@ impl Cluster {
             targets: Vec::new(),
             grpc: String::new(),
             http: String::new(),
+            worker_extra: worker_extra.iter().map(|s| s.to_string()).collect(),
+            target_extra: target_extra.iter().map(|s| s.to_string()).collect(),
+            target_addrs: Vec::new(),
         };
         c.start_target();
         c.start_drafter();
@@ -316,13 +347,11 @@ fn request(prompt: &str, max_new: u32, drafter: &str) -> GenerateRequest {
     }
 }
 
-/// Plain greedy decoding in this process, with the model's stop tokens.
+/// Plain greedy decoding in this process, with the model's stop tokens: a forward-and-argmax loop of
+/// its own, not the engine's `Generator`.
 fn reference(model: &LoadedModel, prompt: &str, max_new: usize) -> Vec<u32> {
     let ids = model.tokenizer.encode(prompt, false).expect("encode");
-    let mut g = Generator::new(model.model.clone(), None);
-    let mut opts = GenerateOptions::new(max_new, specd_core::SamplingParams::greedy());
-    opts.stop_ids = model.tokenizer.stop_ids().to_vec();
-    g.generate(&ids, &opts, |_| true).expect("reference").0
+    plain_greedy(&model.model, &ids, max_new, model.tokenizer.stop_ids())
 }
 
 fn smollm() -> Option<(ModelSel, LoadedModel)> {
@@ -668,9 +697,30 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let max_new = 128;
-    let requests = PROMPTS.iter().map(|p| request(p, max_new, "none"));
+    // With drafters, so that drafts in flight are verified again on the new target.
+    let requests = PROMPTS
+        .iter()
+        .zip(["self", "ngram"])
+        .map(|(p, d)| request(p, max_new, d));
     let tasks = c.streams_flowing(requests.collect()).await;
-    c.targets[0].kill();
+    // Kill a target that holds a sequence (placement by published load may have put both on one).
+    let mut victim = 0;
+    for (i, addr) in c.target_addrs.iter().enumerate() {
+        let mut t = TargetClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        if t.info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner()
+            .active_sequences
+            > 0
+        {
+            victim = i;
+            break;
+        }
+    }
+    c.targets[victim].kill();
     for (i, (ids, _)) in c.finished(tasks).await.into_iter().enumerate() {
         assert_eq!(
             ids,
@@ -683,7 +733,7 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
             .contains("target failed; re-prefilling on another"),
         "the kill hit a request in flight (the router logged the hand-over)"
     );
-    c.targets[1].kill();
+    c.targets[1 - victim].kill();
     let mut client = c.client().await;
     let t0 = Instant::now();
     let err = tokio::time::timeout(WAIT, client.generate(request(PROMPTS[0], 8, "none")))
@@ -934,7 +984,8 @@ async fn targets_active(c: &Cluster) -> u32 {
     n
 }
 
-/// Waits until every target reports no open sequence.
+/// Waits until every target holds no sequence: no open stream and no KV cache (the cache is freed by
+/// the engine thread after the stream's slot, so the slot count alone would pass too early).
 async fn wait_targets_idle(c: &Cluster, what: &str) {
     let end = Instant::now() + Duration::from_secs(10);
     for addr in target_addresses(c).await {
@@ -947,13 +998,14 @@ async fn wait_targets_idle(c: &Cluster, what: &str) {
                 .await
                 .expect("info")
                 .into_inner();
-            if info.active_sequences == 0 {
+            if info.active_sequences == 0 && info.held_sequences == 0 {
                 break;
             }
             assert!(
                 Instant::now() < end,
-                "{what}: target still holds {} sequences",
-                info.active_sequences
+                "{what}: target still has {} streams and {} caches",
+                info.active_sequences,
+                info.held_sequences
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -1208,4 +1260,192 @@ fn model_id(model: &LoadedModel) -> String {
         .expect("stem")
         .to_string_lossy()
         .into_owned()
+}
+
+/// A long prompt's prefill outlasts the target's step timeout but keeps reporting progress, so it is
+/// served, not failed over; sampled proposals at the longest draft length stay under the message limit.
+/// Neither ejects a worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_prompts_and_long_sampled_drafts_eject_nobody() {
+    let Some((sel, model)) = smollm() else { return };
+    // Prefill chunks of 16 tokens (well under a second each) report progress well within the 2 s step
+    // timeout; the whole prompt takes longer than that.
+    let Some(c) = Cluster::start_with(
+        sel,
+        &["--target-timeout-ms", "2000"],
+        &[],
+        &["--prefill-chunk", "16"],
+    )
+    .await
+    else {
+        return;
+    };
+    let mut client = c.client().await;
+    let long: String = (0..24)
+        .map(|i| format!("Line {i}: the quick brown fox jumps. "))
+        .collect();
+    let n = model.tokenizer.encode(&long, false).expect("encode").len();
+    assert!(n > 200, "{n} tokens");
+    let t0 = Instant::now();
+    let got = client
+        .generate(request(&long, 4, "self"))
+        .await
+        .unwrap_or_else(|e| panic!("long prompt: {e}\n{}", c.logs()))
+        .into_inner();
+    let took = t0.elapsed();
+    assert_eq!(got.token_ids, reference(&model, &long, 4));
+    println!("FIGURE open of a {n}-token prompt on SmolLM2 (1 thread): {took:?}");
+    assert!(
+        took > Duration::from_millis(2000),
+        "the prefill did not outlast the step timeout ({took:?}): the test proves nothing"
+    );
+    // Sampling at k = 32 with the self-drafter's 32K-entry head: the full q was ~8 MB per proposal.
+    for seed in 0..2 {
+        let r = GenerateRequest {
+            temperature: Some(1.0),
+            seed: Some(seed),
+            draft_len: Some(32),
+            ..request(PROMPTS[0], 12, "self")
+        };
+        let got = client.generate(r).await.expect("sampled").into_inner();
+        let spec = got.speculation.expect("stats");
+        assert_eq!(spec.drafter, "self", "the drafter stayed with the request");
+        assert!(spec.drafted >= 32, "{spec:?}");
+    }
+    let log = c.router_log();
+    assert!(
+        !log.contains("ejected") && !log.contains("failed"),
+        "a worker was failed or ejected:\n{}",
+        c.logs()
+    );
+}
+
+/// A stop string cuts the output at the token that completes it, whatever the drafter accepted in
+/// that step: the same tokens and the same usage for every drafter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_ends_the_output_at_the_same_token_for_every_drafter() {
+    let Some((sel, model)) = smollm() else { return };
+    let Some(c) = Cluster::start(sel, &[]).await else {
+        return;
+    };
+    let prompt = PROMPTS[0];
+    let full = reference(&model, prompt, 48);
+    // A stop string that ends inside the output, some tokens in.
+    let piece = model.tokenizer.decode(&full[20..22], true).expect("decode");
+    let stop = piece.trim().to_string();
+    assert!(!stop.is_empty(), "{piece:?}");
+    let end = (1..=full.len())
+        .find(|&n| {
+            model
+                .tokenizer
+                .decode(&full[..n], true)
+                .expect("decode")
+                .contains(&stop)
+        })
+        .expect("the stop string occurs");
+    let mut client = c.client().await;
+    for (drafter, k) in [("none", None), ("self", Some(8)), ("ngram", None)] {
+        let r = GenerateRequest {
+            stop: vec![stop.clone()],
+            draft_len: k,
+            ..request(prompt, 48, drafter)
+        };
+        let got = client.generate(r).await.expect("generate").into_inner();
+        assert_eq!(
+            got.token_ids,
+            full[..end],
+            "{drafter}: tokens past the stop"
+        );
+        assert_eq!(
+            got.usage.expect("usage").completion_tokens as usize,
+            end,
+            "{drafter}: usage"
+        );
+        assert_eq!(got.finish_reason, FinishReason::Stop as i32);
+        assert!(!got.text.contains(&stop));
+    }
+}
+
+/// A router that freezes (SIGSTOP: its sockets stay open, it answers nothing) loses its sequences on
+/// the workers within the keepalive timeout: slots and caches are freed, not held forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_router_frees_its_sequences_on_the_workers() {
+    let Some((sel, _)) = smollm() else { return };
+    let keepalive = ["--keepalive-secs", "1", "--keepalive-timeout-secs", "1"];
+    let Some(c) = Cluster::start_with(sel, &[], &keepalive, &[]).await else {
+        return;
+    };
+    let tasks = c
+        .streams_flowing(vec![
+            request(PROMPTS[0], 2000, "self"),
+            request(PROMPTS[1], 2000, "ngram"),
+        ])
+        .await;
+    assert!(targets_active(&c).await > 0);
+    let router = c.router.as_ref().expect("router");
+    router.signal("-STOP");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (streams, caches) = targets_held(&c).await;
+        let drafting = drafters_active(&c).await;
+        if streams == 0 && caches == 0 && drafting == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "workers still hold {streams} target streams, {caches} caches, {drafting} drafter \
+             streams 20 s after their router froze\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    router.signal("-CONT");
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// Open streams and held caches on all targets.
+async fn targets_held(c: &Cluster) -> (u32, u32) {
+    let (mut streams, mut caches) = (0, 0);
+    for addr in target_addresses(c).await {
+        let mut target = TargetClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let info = target
+            .info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
+        streams += info.active_sequences;
+        caches += info.held_sequences;
+    }
+    (streams, caches)
+}
+
+/// Open streams on all drafters.
+async fn drafters_active(c: &Cluster) -> u32 {
+    let store = c.etcd.store().await;
+    let (records, _) = store
+        .list_records::<specd_coord::InstanceRecord>(&specd_coord::keys::instances_of(
+            specd_coord::Role::Drafter,
+        ))
+        .await
+        .expect("list");
+    let mut n = 0;
+    for r in records {
+        let mut d = specd_proto::internal::v1::drafter_client::DrafterClient::connect(format!(
+            "http://{}",
+            r.address
+        ))
+        .await
+        .expect("connect");
+        n += d
+            .info(InfoRequest {})
+            .await
+            .expect("info")
+            .into_inner()
+            .active_sequences;
+    }
+    n
 }

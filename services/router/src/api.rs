@@ -205,6 +205,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let metadata = request.metadata().clone();
         let r = request.into_inner();
         let model = &self.router.model;
         if !(r.model.is_empty() || r.model == model.id || model.aliases.contains(&r.model)) {
@@ -213,9 +214,24 @@ impl Generation for GenerationService {
                 r.model, model.id
             )));
         }
-        let ids = model
-            .tokenizer
-            .encode(&r.text, r.add_special_tokens)
+        let limit = self.router.cfg.max_prompt_bytes;
+        if r.text.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "text: {} bytes exceed the limit of {limit}",
+                r.text.len()
+            )));
+        }
+        // Tokenizing is work like generating: refused while draining, bounded by admission.
+        let _in_flight = self
+            .router
+            .drain
+            .enter()
+            .ok_or_else(|| Status::unavailable("router is draining"))?;
+        let _slot = self.router.admission.admit(deadline_of(&metadata)).await?;
+        let tok = std::sync::Arc::clone(&model.tokenizer);
+        let ids = tokio::task::spawn_blocking(move || tok.encode(&r.text, r.add_special_tokens))
+            .await
+            .map_err(|e| Status::internal(format!("tokenizing: {e}")))?
             .map_err(|e| Status::invalid_argument(format!("text: {e}")))?;
         let tokens = ids
             .iter()

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::pool::Lease;
+use specd_service::grpc::MAX_MESSAGE_BYTES;
 
 /// A failed worker call, classified for the fallback policy.
 #[derive(Debug)]
@@ -25,16 +26,23 @@ pub enum ConnError {
     Invalid(Status),
     /// The worker is full or draining: try another, without ejecting it.
     Busy(Status),
+    /// This request cannot go on with this worker, through no fault of the worker (a message over the
+    /// size limit, a drafter prefill of a long prompt that outlasted its timeout): go on without it
+    /// for this request, but leave it in placement for every other request.
+    Refused(String),
     /// The worker failed, vanished or stalled: eject it and go on elsewhere.
     Failed(String),
 }
 
 impl ConnError {
-    fn from_status(s: Status) -> Self {
+    pub(crate) fn from_status(s: Status) -> Self {
         match s.code() {
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => ConnError::Invalid(s),
             tonic::Code::ResourceExhausted => ConnError::Busy(s),
             tonic::Code::Unavailable if s.message().contains("draining") => ConnError::Busy(s),
+            // tonic's answer to a message over the encode or decode limit, on either side: a property
+            // of this request's message, not of the worker.
+            tonic::Code::OutOfRange => ConnError::Refused(format!("{}: {}", s.code(), s.message())),
             _ => ConnError::Failed(format!("{}: {}", s.code(), s.message())),
         }
     }
@@ -42,9 +50,25 @@ impl ConnError {
     pub fn message(&self) -> String {
         match self {
             ConnError::Invalid(s) | ConnError::Busy(s) => s.message().to_string(),
-            ConnError::Failed(m) => m.clone(),
+            ConnError::Refused(m) | ConnError::Failed(m) => m.clone(),
         }
     }
+}
+
+/// Extra time a drafter gets to open a sequence per prompt token, on top of its open timeout: a model
+/// drafter prefills the whole prompt, and a long one legitimately takes a while on a CPU.
+pub const DRAFTER_OPEN_PER_TOKEN: Duration = Duration::from_millis(10);
+
+fn target_client(lease: &Lease) -> TargetClient<tonic::transport::Channel> {
+    TargetClient::new(lease.worker.channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+fn drafter_client(lease: &Lease) -> DrafterClient<tonic::transport::Channel> {
+    DrafterClient::new(lease.worker.channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// A bidirectional stream: requests out, responses in, each exchange under a timeout.
@@ -59,6 +83,11 @@ impl<Req, Resp> Duplex<Req, Resp> {
         if self.tx.send(req).await.is_err() {
             return Err(ConnError::Failed("stream closed".into()));
         }
+        self.receive().await
+    }
+
+    /// The next message, under the timeout.
+    async fn receive(&mut self) -> Result<Resp, ConnError> {
         match tokio::time::timeout(self.timeout, self.rx.message()).await {
             Err(_) => Err(ConnError::Failed(format!(
                 "no answer within {} ms",
@@ -92,6 +121,9 @@ pub struct TargetConn {
 }
 
 impl TargetConn {
+    /// Opens the sequence and waits for its prefill. The target reports progress while it prefills,
+    /// and `timeout` bounds the wait for each report, not the whole prefill: a long prompt gets as long
+    /// as it keeps progressing, and a target that stops making progress is a failed one.
     pub async fn open(
         lease: Lease,
         sequence_id: &str,
@@ -107,24 +139,33 @@ impl TargetConn {
                 prompt_ids: history.to_vec(),
                 sampling: Some(wire_params(params)),
                 emit_samples: false,
+                report_progress: true,
             })),
         };
-        let mut client = TargetClient::new(lease.worker.channel.clone());
+        let mut client = target_client(&lease);
         let rx = tokio::time::timeout(timeout, client.verify(request(rx, deadline)))
             .await
             .map_err(|_| ConnError::Failed("no answer to the stream call".into()))?
             .map_err(ConnError::from_status)?
             .into_inner();
         let mut duplex = Duplex { tx, rx, timeout };
-        match duplex.exchange(open).await?.msg {
-            Some(pb::verify_response::Msg::Opened(_)) => Ok(Self {
-                lease,
-                duplex,
-                valid: history.len(),
-            }),
-            _ => Err(ConnError::Failed(
-                "target answered Open with something else".into(),
-            )),
+        let mut answer = duplex.exchange(open).await?;
+        loop {
+            match answer.msg {
+                Some(pb::verify_response::Msg::Opened(_)) => {
+                    return Ok(Self {
+                        lease,
+                        duplex,
+                        valid: history.len(),
+                    })
+                }
+                Some(pb::verify_response::Msg::Prefilling(_)) => answer = duplex.receive().await?,
+                _ => {
+                    return Err(ConnError::Failed(
+                        "target answered Open with something else".into(),
+                    ))
+                }
+            }
         }
     }
 
@@ -194,19 +235,30 @@ impl DrafterConn {
                 sampling: Some(wire_params(params)),
             })),
         };
-        let mut client = DrafterClient::new(lease.worker.channel.clone());
+        let mut client = drafter_client(&lease);
         let rx = tokio::time::timeout(open_timeout, client.draft(request(rx, deadline)))
             .await
             .map_err(|_| ConnError::Failed("no answer to the stream call".into()))?
             .map_err(ConnError::from_status)?
             .into_inner();
-        // Opening prefills a model drafter: give it the open timeout, then the per-step one.
+        // Opening prefills a model drafter: give it the open timeout, longer for a longer prompt, then
+        // the per-step one. A prefill that outlasts it is this prompt's problem, not the drafter's.
+        let prefill_timeout = open_timeout + DRAFTER_OPEN_PER_TOKEN * history.len() as u32;
         let mut duplex = Duplex {
             tx,
             rx,
-            timeout: open_timeout,
+            timeout: prefill_timeout,
         };
-        let opened = match duplex.exchange(open).await?.msg {
+        let answer = match duplex.exchange(open).await {
+            Err(ConnError::Failed(m)) if m.starts_with("no answer within") => {
+                return Err(ConnError::Refused(format!(
+                    "prefill of {} tokens: {m}",
+                    history.len()
+                )))
+            }
+            r => r?,
+        };
+        let opened = match answer.msg {
             Some(pb::draft_response::Msg::Opened(o)) => o,
             _ => {
                 return Err(ConnError::Failed(
@@ -273,5 +325,31 @@ fn wire_params(p: &SamplingParams) -> pb::SamplingParams {
         top_k: p.top_k as u32,
         top_p: p.top_p,
         seed: p.seed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oversized_message_is_refused_not_a_worker_failure() {
+        // What tonic answers when a message exceeds the decode limit (client or server side).
+        let s = Status::out_of_range(
+            "Error, decoded message length too large: found 6815744 bytes, the limit is: 4194304 bytes",
+        );
+        assert!(matches!(ConnError::from_status(s), ConnError::Refused(_)));
+        assert!(matches!(
+            ConnError::from_status(Status::resource_exhausted("full")),
+            ConnError::Busy(_)
+        ));
+        assert!(matches!(
+            ConnError::from_status(Status::internal("boom")),
+            ConnError::Failed(_)
+        ));
+        assert!(matches!(
+            ConnError::from_status(Status::invalid_argument("bad")),
+            ConnError::Invalid(_)
+        ));
     }
 }

@@ -8,14 +8,14 @@ use std::time::Instant;
 use specd_coord::Role;
 use specd_core::SamplingParams;
 use specd_service::Drain;
-use specd_tokenizer::{render_chat, ChatMessage, GgufMeta, SpecdTokenizer};
+use specd_tokenizer::{chat_prompt_ids, ChatMessage, GgufMeta, SpecdTokenizer};
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::admission::Admission;
 use crate::output::Output;
 use crate::pool::Pool;
-use crate::spec::{self, Finish, GenRequest, Learned, Sink, SpecConfig, SpecStats};
+use crate::spec::{self, Finish, GenRequest, Learned, Pushed, Sink, SpecConfig, SpecStats};
 
 /// Most stop strings per request, and most bytes per stop string.
 pub const MAX_STOPS: usize = 16;
@@ -81,7 +81,13 @@ pub struct RouterConfig {
     pub default_max_new_tokens: u32,
     /// Used when a request leaves temperature unset.
     pub default_temperature: f32,
+    /// Largest prompt (or sum of chat message contents) in bytes, refused before any tokenizing.
+    pub max_prompt_bytes: usize,
 }
+
+/// Default [`RouterConfig::max_prompt_bytes`]: far above what any served context holds as text (a
+/// 32K-token context is about 128 KB), small enough that tokenizing one is a bounded cost.
+pub const DEFAULT_MAX_PROMPT_BYTES: usize = 1 << 20;
 
 impl Default for RouterConfig {
     fn default() -> Self {
@@ -91,6 +97,7 @@ impl Default for RouterConfig {
             max_queue: 256,
             default_max_new_tokens: 256,
             default_temperature: 1.0,
+            max_prompt_bytes: DEFAULT_MAX_PROMPT_BYTES,
         }
     }
 }
@@ -123,9 +130,12 @@ pub struct ApiRequest {
     pub session_id: String,
 }
 
-/// A validated request.
+/// A validated request. Its prompt is tokenized once it is admitted ([`Router::tokenize_prepared`]), so
+/// that the cost of tokenizing is bounded by admission like the rest of the work.
 #[derive(Clone, Debug)]
 pub struct Prepared {
+    /// The input still to tokenize; `None` once `gen.prompt_ids` holds it.
+    pub input: Option<Input>,
     pub gen: GenRequest,
     pub stop: Vec<String>,
     pub received: Instant,
@@ -212,41 +222,36 @@ impl Router {
                 r.model, self.model.id
             )));
         }
-        let tok = &self.model.tokenizer;
-        let text = match r.input {
+        let limit = self.cfg.max_prompt_bytes;
+        let input = match r.input {
             None => return Err(invalid("prompt", "one of prompt or chat is required")),
             Some(Input::Prompt { text, raw }) => {
                 if text.is_empty() {
                     return Err(invalid("prompt", "must not be empty"));
                 }
-                if raw || tok.chat_template().is_none() {
-                    text
-                } else {
-                    render_chat(tok, &[ChatMessage::user(text)], true)
-                        .map_err(|e| invalid("prompt", e))?
+                if text.len() > limit {
+                    return Err(invalid(
+                        "prompt",
+                        format!("{} bytes exceed the limit of {limit}", text.len()),
+                    ));
                 }
+                Input::Prompt { text, raw }
             }
             Some(Input::Chat(messages)) => {
                 if messages.is_empty() {
                     return Err(invalid("messages", "must hold at least one message"));
                 }
-                render_chat(tok, &messages, true).map_err(|e| invalid("messages", e))?
+                let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+                if bytes > limit {
+                    return Err(invalid(
+                        "messages",
+                        format!("{bytes} bytes of content exceed the limit of {limit}"),
+                    ));
+                }
+                Input::Chat(messages)
             }
         };
-        let prompt_ids = tok.encode(&text, false).map_err(|e| invalid("prompt", e))?;
         let context = self.model.context;
-        if prompt_ids.is_empty() {
-            return Err(invalid("prompt", "tokenizes to nothing"));
-        }
-        if prompt_ids.len() >= context {
-            return Err(invalid(
-                "prompt",
-                format!(
-                    "{} tokens leave no room in the model's context of {context}",
-                    prompt_ids.len()
-                ),
-            ));
-        }
         let max_new = if r.max_new_tokens == 0 {
             self.cfg.default_max_new_tokens
         } else {
@@ -326,20 +331,60 @@ impl Router {
             r.request_id
         };
         Ok(Prepared {
+            input: Some(input),
             gen: GenRequest {
                 request_id,
-                prompt_ids,
+                prompt_ids: Vec::new(),
                 max_new_tokens: max_new,
                 params,
                 drafter,
                 draft_len: r.draft_len.map(|k| k as usize),
                 session: (!r.session_id.is_empty()).then_some(r.session_id),
-                stop_ids: tok.stop_ids().to_vec(),
+                stop_ids: self.model.tokenizer.stop_ids().to_vec(),
                 deadline: None,
             },
             stop: r.stop,
             received,
         })
+    }
+
+    /// Tokenizes a prepared request's input (on the blocking pool: a long prompt takes a while) and
+    /// checks it fits the context; a no-op once done. Chat content is encoded as plain text between the
+    /// template's own control tokens ([`chat_prompt_ids`]): typed special tokens cannot forge a turn.
+    /// A raw prompt is the caller's whole templated prompt and is encoded as written.
+    pub async fn tokenize_prepared(&self, p: &mut Prepared) -> Result<(), Status> {
+        let Some(input) = p.input.take() else {
+            return Ok(());
+        };
+        let tok = Arc::clone(&self.model.tokenizer);
+        let ids = tokio::task::spawn_blocking(move || match input {
+            Input::Prompt { text, raw } => if raw || tok.chat_template().is_none() {
+                tok.encode(&text, false)
+            } else {
+                chat_prompt_ids(&tok, &[ChatMessage::user(text)], true)
+            }
+            .map_err(|e| invalid("prompt", e)),
+            Input::Chat(messages) => {
+                chat_prompt_ids(&tok, &messages, true).map_err(|e| invalid("messages", e))
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizing: {e}")))??;
+        let context = self.model.context;
+        if ids.is_empty() {
+            return Err(invalid("prompt", "tokenizes to nothing"));
+        }
+        if ids.len() >= context {
+            return Err(invalid(
+                "prompt",
+                format!(
+                    "{} tokens leave no room in the model's context of {context}",
+                    ids.len()
+                ),
+            ));
+        }
+        p.gen.prompt_ids = ids;
+        Ok(())
     }
 
     /// Admits and runs a prepared request. With `deltas`, text is sent there as it is accepted.
@@ -369,6 +414,7 @@ impl Router {
         let admitted = self.admission.admit(deadline).await;
         metrics::gauge!("specd_num_requests_waiting").decrement(1.0);
         let _slot = admitted?;
+        self.tokenize_prepared(p).await?;
         let queue_ms = ms(p.received);
         metrics::histogram!("specd_request_queue_time_seconds").record(queue_ms / 1000.0);
         metrics::gauge!("specd_num_requests_running").increment(1.0);
@@ -473,25 +519,44 @@ struct TextSink {
 }
 
 impl Sink for TextSink {
-    fn push(&mut self, tokens: &[u32]) -> bool {
+    /// Decodes token by token, so that a stop string ends the output at the token that completed it
+    /// whatever number of tokens the step accepted at once.
+    fn push(&mut self, tokens: &[u32]) -> Pushed {
         self.first_at.get_or_insert_with(Instant::now);
-        let text = match self.output.push(tokens) {
-            Ok(t) => t,
-            Err(e) => {
-                self.error = Some(e);
-                return false;
+        let mut text = String::new();
+        let mut taken = 0;
+        for &t in tokens {
+            match self.output.push(&[t]) {
+                Ok(piece) => text.push_str(&piece),
+                Err(e) => {
+                    self.error = Some(e);
+                    return Pushed {
+                        taken,
+                        go_on: false,
+                    };
+                }
             }
-        };
+            taken += 1;
+            if self.output.stopped() {
+                break;
+            }
+        }
         if let Some(tx) = &self.deltas {
             let sent = tx.send(Delta {
                 text,
-                token_ids: tokens.to_vec(),
+                token_ids: tokens[..taken].to_vec(),
             });
             if sent.is_err() {
-                return false;
+                return Pushed {
+                    taken,
+                    go_on: false,
+                };
             }
         }
-        !self.output.stopped()
+        Pushed {
+            taken,
+            go_on: !self.output.stopped(),
+        }
     }
 }
 
@@ -527,5 +592,56 @@ pub fn code_name(c: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use specd_tokenizer::testing::tiny_tokenizer;
+
+    fn sink(tok: &SpecdTokenizer, stop: &str) -> TextSink {
+        TextSink {
+            output: Output::new(tok, vec![stop.to_string()]),
+            deltas: None,
+            first_at: None,
+            error: None,
+        }
+    }
+
+    /// However the tokens arrive (one step accepting them all, or one at a time), the output ends at
+    /// the token that completed the stop string: same text, same tokens, same usage.
+    #[test]
+    fn a_stop_string_cuts_the_tokens_where_it_completes_whatever_the_batching() {
+        let tok = tiny_tokenizer();
+        let ids = tok
+            .encode("hello world and more words after", false)
+            .expect("encode");
+        let stop = "world";
+        let end = (1..=ids.len())
+            .find(|&n| tok.decode(&ids[..n], true).expect("decode").contains(stop))
+            .expect("the stop string occurs");
+        assert!(end < ids.len(), "tokens follow the stop string");
+        let mut whole = sink(&tok, stop);
+        let p = whole.push(&ids);
+        assert_eq!(
+            p,
+            Pushed {
+                taken: end,
+                go_on: false
+            }
+        );
+        let mut single = sink(&tok, stop);
+        let mut taken = 0;
+        for t in &ids {
+            let p = single.push(std::slice::from_ref(t));
+            taken += p.taken;
+            if !p.go_on {
+                break;
+            }
+        }
+        assert_eq!(taken, end);
+        assert_eq!(whole.output.text(), single.output.text());
+        assert_eq!(whole.output.text(), "hello ");
     }
 }

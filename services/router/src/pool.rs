@@ -15,8 +15,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use specd_coord::{keys, InstanceRecord, Record, Role, Store, WatchEvent};
+use specd_service::grpc::Keepalive;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How long a worker that failed a call is left out of placement (unless it re-registers).
 pub const EJECT_FOR: Duration = Duration::from_secs(5);
@@ -29,23 +30,20 @@ pub struct Worker {
     /// Sequences this router has open on it; shared with the entries that replace this one when the
     /// record changes, so a lease taken on an older entry is still counted and released.
     in_flight: Arc<AtomicU32>,
-    ejected_until: RwLock<Option<Instant>>,
+    /// Until when it is left out of placement after a failure; shared like `in_flight`, so the
+    /// record updates a worker publishes every second do not cut an ejection short.
+    ejected_until: Arc<RwLock<Option<Instant>>>,
 }
 
 impl Worker {
-    fn new(record: InstanceRecord) -> Result<Self, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", record.address))
-            .map_err(|e| format!("bad worker address {:?}: {e}", record.address))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+    fn new(record: InstanceRecord, keepalive: Keepalive) -> Result<Self, String> {
+        let endpoint = specd_service::grpc::endpoint(&record.address, keepalive)
+            .map_err(|e| format!("worker {}: {e}", record.id))?;
         Ok(Self {
             channel: endpoint.connect_lazy(),
             record,
             in_flight: Arc::new(AtomicU32::new(0)),
-            ejected_until: RwLock::new(None),
+            ejected_until: Arc::new(RwLock::new(None)),
         })
     }
 
@@ -87,6 +85,8 @@ impl Drop for Lease {
 pub struct Pool {
     workers: Arc<RwLock<HashMap<String, Arc<Worker>>>>,
     changed: Arc<watch::Sender<u64>>,
+    /// Keepalive of the channels to workers.
+    keepalive: Keepalive,
 }
 
 /// What a placement needs to match.
@@ -103,6 +103,14 @@ pub struct Want<'a> {
 impl Pool {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A pool whose worker channels use `keepalive`.
+    pub fn with_keepalive(keepalive: Keepalive) -> Self {
+        Self {
+            keepalive,
+            ..Self::default()
+        }
     }
 
     /// Follows the store: loads the current instances, then applies every change until `stop` fires.
@@ -167,8 +175,9 @@ impl Pool {
         }
     }
 
-    /// A worker entry for a record, reusing the existing entry (channel, counts) when only the load
-    /// changed.
+    /// A worker entry for a record, reusing the existing entry (channel, counts, ejection) when its
+    /// address is unchanged: a load update is not a recovery. A worker that restarts registers under a
+    /// new instance id (or a new address) and so starts with a clean entry.
     fn build(
         &self,
         key: &str,
@@ -190,12 +199,12 @@ impl Pool {
                 return Some(Arc::new(Worker {
                     channel: old.channel.clone(),
                     in_flight: Arc::clone(&old.in_flight),
-                    ejected_until: RwLock::new(None),
+                    ejected_until: Arc::clone(&old.ejected_until),
                     record,
                 }));
             }
         }
-        match Worker::new(record) {
+        match Worker::new(record, self.keepalive) {
             Ok(w) => {
                 tracing::info!(worker = %w.record.id, role = %w.record.role, address = %w.record.address, "worker joined placement");
                 Some(Arc::new(w))
@@ -395,8 +404,16 @@ mod tests {
             pool.place(Role::Drafter, &want("ngram", &[])).is_none(),
             "ejected"
         );
-        // Re-registration (a fresh put) clears the ejection.
-        let r = record(Role::Drafter, "d", 4, 0);
+        // A record update (the worker republishing its load every second) keeps the ejection.
+        let mut r = record(Role::Drafter, "d", 4, 0);
+        r.load = 1;
+        pool.put(&r.key(), &r.encode().expect("encode"));
+        assert!(
+            pool.place(Role::Drafter, &want("ngram", &[])).is_none(),
+            "a load update undid the ejection"
+        );
+        // A restart at a new address is a new process: not ejected.
+        r.address = "127.0.0.1:9999".into();
         pool.put(&r.key(), &r.encode().expect("encode"));
         assert!(pool.place(Role::Drafter, &want("ngram", &[])).is_some());
         pool.remove(&r.key());

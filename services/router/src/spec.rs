@@ -99,9 +99,20 @@ pub struct SpecStats {
     pub drafter_failovers: u32,
 }
 
-/// Receives emitted tokens; returns false to stop generation (stop string hit, client gone).
+/// What a [`Sink`] made of a batch of emitted tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pushed {
+    /// Leading tokens of the batch that belong to the output: all of them, or those up to and
+    /// including the one that completed a stop string. The rest are dropped, so the output (and its
+    /// usage count) is the same whatever number of tokens a step happened to accept.
+    pub taken: usize,
+    /// False to end generation (stop string hit, client gone, output error).
+    pub go_on: bool,
+}
+
+/// Receives emitted tokens.
 pub trait Sink: Send {
-    fn push(&mut self, tokens: &[u32]) -> bool;
+    fn push(&mut self, tokens: &[u32]) -> Pushed;
 }
 
 /// Costs measured at the router for one drafter kind (what one step really costs from here).
@@ -314,16 +325,25 @@ pub async fn run(
         if let Some(i) = stop_at {
             emitted.truncate(i);
         }
+        let pushed = if emitted.is_empty() {
+            Pushed {
+                taken: 0,
+                go_on: true,
+            }
+        } else {
+            sink.push(&emitted)
+        };
+        let stopped_in_text = pushed.taken < emitted.len();
+        emitted.truncate(pushed.taken);
         history.extend_from_slice(&emitted);
         out.extend_from_slice(&emitted);
         let overhead = (step_start.elapsed().as_secs_f64() * 1000.0 - worker_ms).max(0.0);
         stats.overhead_ms.push(overhead);
         metrics::histogram!("specd_router_step_overhead_seconds").record(overhead / 1000.0);
-        let go_on = emitted.is_empty() || sink.push(&emitted);
-        if stop_at.is_some() {
+        if stop_at.is_some() || stopped_in_text {
             break Finish::Stop;
         }
-        if !go_on {
+        if !pushed.go_on {
             break Finish::Cancelled;
         }
     };

@@ -86,6 +86,9 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
         drain_secs: 5,
         log_format: "text".into(),
         otlp_endpoint: None,
+        keepalive_secs: 10,
+        keepalive_timeout_secs: 5,
+        stream_idle_secs: 300,
     };
     rt.block_on(async {
         specd_service::metrics::install()?;
@@ -119,6 +122,7 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
             max_draft_len: 8,
             drafter_timeout_ms: 5000,
             target_timeout_ms: 120_000,
+            max_prompt_bytes: specd_router::core::DEFAULT_MAX_PROMPT_BYTES,
         };
         let r = serve::start_router(&args.model, &service, &opts, store, shutdown.clone()).await?;
         let router = r.router.clone();
@@ -173,9 +177,10 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
                     let (s_out, stats) = single.generate(&ids, &opts, |_| true)?;
                     s_tok += stats.generated.saturating_sub(1);
                     s_ms += stats.decode_ms;
-                    let p = router
+                    let mut p = router
                         .prepare(api(text, drafter, args.max_new_tokens as u32), "bench")
                         .map_err(|s| anyhow::anyhow!("{s}"))?;
+                    router.tokenize_prepared(&mut p).await.map_err(|s| anyhow::anyhow!("{s}"))?;
                     anyhow::ensure!(p.gen.prompt_ids == ids, "router and engine tokenize differently");
                     let c = router
                         .execute(p, None, None, "bench")

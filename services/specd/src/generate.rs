@@ -7,7 +7,7 @@ use specd_core::SamplingParams;
 use specd_engine::drafter::DrafterKind;
 use specd_engine::preset::{build_drafter, load_draft_for};
 use specd_engine::{load_gguf, GenerateOptions, Generator, LoadedModel, Preset};
-use specd_tokenizer::{render_prompt, DecodeStream};
+use specd_tokenizer::DecodeStream;
 
 use crate::cli::{init_threads, GenerateArgs, ModelArgs};
 
@@ -27,12 +27,11 @@ pub fn prompt_ids(target: &LoadedModel, text: &str, raw: bool) -> anyhow::Result
     if text.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let rendered = if raw || target.tokenizer.chat_template().is_none() {
-        text.to_string()
+    if raw || target.tokenizer.chat_template().is_none() {
+        Ok(target.tokenizer.encode(text, false)?)
     } else {
-        render_prompt(&target.tokenizer, text)?
-    };
-    Ok(target.tokenizer.encode(&rendered, false)?)
+        Ok(specd_tokenizer::prompt_ids(&target.tokenizer, text)?)
+    }
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ use specd_proto::internal::v1::target_server::TargetServer;
 use specd_proto::v1::generation_server::GenerationServer;
 use specd_router::core::{ModelMeta, Router, RouterConfig};
 use specd_router::pool::Pool;
+use specd_service::grpc::{Keepalive, MAX_MESSAGE_BYTES};
 use specd_service::telemetry::{LogFormat, TelemetryConfig};
 use specd_service::{Drain, Shutdown};
 use specd_worker::drafter::{DrafterModels, DrafterService};
@@ -53,6 +54,29 @@ pub struct ServiceArgs {
     /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT); none: spans are not exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Seconds between HTTP/2 keepalive PINGs on every gRPC connection, served and dialled.
+    #[arg(long, env = "SPECD_KEEPALIVE_SECS", default_value_t = 10)]
+    pub keepalive_secs: u64,
+    /// Seconds a PING may go unanswered before the connection is closed and its streams end (a peer
+    /// whose host froze or vanished without closing the connection).
+    #[arg(long, env = "SPECD_KEEPALIVE_TIMEOUT_SECS", default_value_t = 5)]
+    pub keepalive_timeout_secs: u64,
+    /// A worker stream with no request for this many seconds is ended and its sequence freed.
+    #[arg(long, env = "SPECD_STREAM_IDLE_SECS", default_value_t = 300)]
+    pub stream_idle_secs: u64,
+}
+
+impl ServiceArgs {
+    pub(crate) fn keepalive(&self) -> Keepalive {
+        Keepalive {
+            interval: Duration::from_secs(self.keepalive_secs.max(1)),
+            timeout: Duration::from_secs(self.keepalive_timeout_secs.max(1)),
+        }
+    }
+
+    pub(crate) fn stream_idle(&self) -> Duration {
+        Duration::from_secs(self.stream_idle_secs.max(1))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -133,9 +157,14 @@ pub struct RouterOpts {
     /// A drafter not answering a step within this many ms is dropped for the request.
     #[arg(long, env = "SPECD_DRAFTER_TIMEOUT_MS", default_value_t = 2000)]
     pub drafter_timeout_ms: u64,
-    /// A target not answering a step within this many ms is treated as failed.
+    /// A target not answering a step, or not reporting prefill progress, within this many ms is
+    /// treated as failed (a long prompt gets as long as its prefill keeps progressing).
     #[arg(long, env = "SPECD_TARGET_TIMEOUT_MS", default_value_t = 120_000)]
     pub target_timeout_ms: u64,
+    /// Largest prompt (or sum of chat contents) in bytes; larger requests are INVALID_ARGUMENT before
+    /// anything is tokenized.
+    #[arg(long, env = "SPECD_MAX_PROMPT_BYTES", default_value_t = specd_router::core::DEFAULT_MAX_PROMPT_BYTES)]
+    pub max_prompt_bytes: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -269,7 +298,11 @@ pub(crate) async fn start_target(
         drain.clone(),
     )?;
     let load = svc.clone();
-    let router = tonic::transport::Server::builder().add_service(TargetServer::new(svc));
+    let router = specd_service::grpc::server(args.keepalive()).add_service(
+        TargetServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
     serve_worker(
         router,
         specd_worker::health_name(Role::Target),
@@ -355,10 +388,20 @@ pub(crate) async fn start_drafter(
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
     let drain = Drain::new();
-    let svc = DrafterService::new(models, id.clone(), capacity, drain.clone());
+    let svc = DrafterService::new(
+        models,
+        id.clone(),
+        capacity,
+        args.stream_idle(),
+        drain.clone(),
+    );
     let kinds = svc.kinds();
     let load = svc.clone();
-    let router = tonic::transport::Server::builder().add_service(DrafterServer::new(svc));
+    let router = specd_service::grpc::server(args.keepalive()).add_service(
+        DrafterServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
     serve_worker(
         router,
         specd_worker::health_name(Role::Drafter),
@@ -391,12 +434,13 @@ pub(crate) async fn start_router(
         max_concurrent: opts.max_concurrent,
         max_queue: opts.max_queue,
         default_max_new_tokens: opts.default_max_new_tokens,
+        max_prompt_bytes: opts.max_prompt_bytes.max(1),
         ..RouterConfig::default()
     };
     cfg.spec.max_draft_len = opts.max_draft_len.max(1);
     cfg.spec.drafter_timeout = Duration::from_millis(opts.drafter_timeout_ms.max(1));
     cfg.spec.target_timeout = Duration::from_millis(opts.target_timeout_ms.max(1));
-    let pool = Pool::new();
+    let pool = Pool::with_keepalive(args.keepalive());
     pool.follow(store.clone(), shutdown.clone())
         .await
         .context("reading workers from the coordination store")?;
@@ -404,9 +448,13 @@ pub(crate) async fn start_router(
     let router = Arc::new(Router::new(pool, model, cfg, drain.clone()));
     let id = instance_id(args, Role::Router);
 
-    let grpc = tonic::transport::Server::builder().add_service(GenerationServer::new(
-        specd_router::api::GenerationService::new(Arc::clone(&router)),
-    ));
+    let grpc = specd_service::grpc::server(args.keepalive()).add_service(
+        GenerationServer::new(specd_router::api::GenerationService::new(Arc::clone(
+            &router,
+        )))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
     let (grpc, health) = specd_service::grpc::add_common(grpc)?;
     let (listener, grpc_addr) = specd_service::grpc::bind(opts.grpc_addr).await?;
     let http_listener = tokio::net::TcpListener::bind(opts.http_addr)
@@ -561,6 +609,7 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
                 BatchLimits {
                     max_batch_tokens: a.max_batch_tokens,
                     prefill_chunk: a.prefill_chunk,
+                    stream_idle: a.service.stream_idle(),
                 },
                 store,
                 shutdown,
@@ -647,7 +696,10 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 &svc_args,
                 loopback,
                 args.capacity,
-                BatchLimits::default(),
+                BatchLimits {
+                    stream_idle: args.service.stream_idle(),
+                    ..BatchLimits::default()
+                },
                 store.clone(),
                 workers.clone(),
             )

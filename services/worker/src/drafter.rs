@@ -3,7 +3,8 @@
 //! Each stream owns one drafter instance for its sequence (a draft model or self-drafter with its own KV
 //! cache over shared weights, or an n-gram drafter that learns into the worker-wide recycling table) and
 //! its token sequence. Proposals run on tokio's blocking pool, since a model drafter runs k forwards.
-//! Drafter samples are drawn from their own random stream, derived from the request seed.
+//! Drafter samples are drawn from their own random stream, derived from the request seed. A model
+//! drafter samples from its top `DRAFT_SUPPORT` tokens, so every q it sends is small by construction.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -75,6 +76,7 @@ struct Inner {
     shared_ngram: SharedNgram,
     identity: WorkerIdentity,
     slots: Slots,
+    stream_idle: std::time::Duration,
 }
 
 /// One stream's sequence.
@@ -90,6 +92,7 @@ impl DrafterService {
         models: DrafterModels,
         identity: WorkerIdentity,
         capacity: u32,
+        stream_idle: std::time::Duration,
         drain: specd_service::Drain,
     ) -> Self {
         Self {
@@ -98,6 +101,7 @@ impl DrafterService {
                 shared_ngram: SharedNgram::default(),
                 identity,
                 slots: Slots::new("drafter", capacity, drain),
+                stream_idle,
             }),
         }
     }
@@ -367,7 +371,7 @@ impl drafter_server::Drafter for DrafterService {
         let span = tracing::info_span!("drafter.draft");
         specd_service::telemetry::extract(request.metadata(), &span);
         let (tx, rx) = mpsc::channel(2);
-        let io = Duplex::new(request.into_inner(), tx);
+        let io = Duplex::new(request.into_inner(), tx, self.inner.stream_idle);
         tokio::spawn(self.clone().serve_stream(io).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -377,6 +381,8 @@ impl drafter_server::Drafter for DrafterService {
         Ok(Response::new(self.inner.identity.info(
             specd_coord::Role::Drafter,
             slots.capacity(),
+            slots.active(),
+            // A sequence's drafter state lives in its stream task and goes with it.
             slots.active(),
             self.kinds(),
         )))

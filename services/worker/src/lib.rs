@@ -44,6 +44,7 @@ impl WorkerIdentity {
         role: Role,
         capacity: u32,
         active: u32,
+        held: u32,
         drafter_kinds: Vec<String>,
     ) -> specd_proto::internal::v1::WorkerInfo {
         specd_proto::internal::v1::WorkerInfo {
@@ -55,6 +56,7 @@ impl WorkerIdentity {
             context_length: self.context as u32,
             capacity,
             active_sequences: active,
+            held_sequences: held,
             drafter_kinds,
             weights_version: self.weights_version.clone(),
         }

@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use specd_core::{verify, verify_greedy, RowCostModel, Sampler, SamplingParams, SparseDist};
 use specd_engine::speculate::top_ids;
@@ -22,14 +22,14 @@ use specd_engine::{KvCache, LogitsWanted, Model, SeqInput};
 use specd_proto::internal::v1 as pb;
 use specd_proto::internal::v1::target_server::Target;
 use specd_service::Drain;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::convert::{self, MAX_FEEDBACK_WIDTH};
 use crate::slots::{Slot, Slots};
-use crate::stream::Duplex;
+use crate::stream::{Duplex, DEFAULT_STREAM_IDLE};
 use crate::WorkerIdentity;
 
 /// Most new tokens one batched forward takes; further commands wait for the next batch.
@@ -46,6 +46,8 @@ enum Cmd {
         seq: u64,
         prompt: Vec<u32>,
         params: SamplingParams,
+        /// Prompt tokens prefilled so far, updated after every chunk.
+        progress: watch::Sender<u32>,
         reply: Reply<pb::verify_response::Opened>,
     },
     Step {
@@ -66,13 +68,15 @@ struct Seq {
     sampler: Sampler,
 }
 
-/// How much work one batched forward takes.
+/// How much work one batched forward takes, and how long a stream may idle.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchLimits {
     /// Most new tokens per forward.
     pub max_batch_tokens: usize,
     /// Most prompt tokens of one prefill per forward.
     pub prefill_chunk: usize,
+    /// A Verify stream with no request for this long is ended and its sequence freed.
+    pub stream_idle: Duration,
 }
 
 impl Default for BatchLimits {
@@ -80,6 +84,7 @@ impl Default for BatchLimits {
         Self {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            stream_idle: DEFAULT_STREAM_IDLE,
         }
     }
 }
@@ -88,6 +93,7 @@ impl Default for BatchLimits {
 struct Prefill {
     id: u64,
     seq: Seq,
+    progress: watch::Sender<u32>,
     reply: Reply<pb::verify_response::Opened>,
 }
 
@@ -107,13 +113,20 @@ struct Work {
 }
 
 enum Job {
-    Prefill(Reply<pb::verify_response::Opened>),
+    Prefill(watch::Sender<u32>, Reply<pb::verify_response::Opened>),
     Step {
         drafts: Vec<u32>,
         q: Vec<SparseDist>,
         width: usize,
         reply: Reply<pb::verify_response::StepResult>,
     },
+}
+
+/// What the engine thread counts for the service to read.
+#[derive(Clone, Default)]
+struct EngineCounters {
+    prefilled: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
 }
 
 /// Owns the model and the sequences; runs on its own thread.
@@ -126,11 +139,17 @@ struct Engine {
     prefilling: VecDeque<Prefill>,
     /// Forward time against rows fed, for the cost of a draft row at the current batch size.
     row_costs: RowCostModel,
+    /// Prompt tokens prefilled since start (shared with the service, for tests and metrics).
+    prefilled: Arc<AtomicU64>,
+    /// Sequences whose cache the engine holds (open or being prefilled), updated after every batch.
+    held: Arc<AtomicU64>,
 }
 
 impl Engine {
-    fn new(model: Model, limits: BatchLimits) -> Self {
+    fn new(model: Model, limits: BatchLimits, counters: EngineCounters) -> Self {
         Self {
+            prefilled: counters.prefilled,
+            held: counters.held,
             model,
             seqs: HashMap::new(),
             max_batch_tokens: limits.max_batch_tokens.max(1),
@@ -164,6 +183,10 @@ impl Engine {
                 cmds.push(c);
             }
             self.batch(cmds);
+            self.held.store(
+                (self.seqs.len() + self.prefilling.len()) as u64,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -185,7 +208,7 @@ impl Engine {
                 id: p.id,
                 seq: p.seq,
                 feed,
-                job: Job::Prefill(p.reply),
+                job: Job::Prefill(p.progress, p.reply),
             });
         }
         self.prefilling = later;
@@ -203,6 +226,7 @@ impl Engine {
                     seq,
                     prompt,
                     params,
+                    progress,
                     reply,
                 } => {
                     if let Err(s) = check_open(&prompt, cfg.vocab, cfg.context) {
@@ -218,6 +242,7 @@ impl Engine {
                             params,
                             sampler,
                         },
+                        progress,
                         reply,
                     });
                 }
@@ -251,7 +276,12 @@ impl Engine {
         // Closes first: a prefill whose stream is gone is not worth a chunk.
         for seq in closes {
             self.seqs.remove(&seq);
+            let before = self.prefilling.len();
             self.prefilling.retain(|p| p.id != seq);
+            if self.prefilling.len() < before {
+                tracing::info!(seq, "prefill abandoned by its stream; dropped");
+                metrics::counter!("specd_prefills_cancelled_total").increment(1);
+            }
         }
         // A one-token prompt has nothing to prefill.
         let (ready, waiting): (VecDeque<_>, _) =
@@ -286,7 +316,7 @@ impl Engine {
                     cache: &mut w.seq.cache,
                     tokens: &w.feed,
                     wanted: match &w.job {
-                        Job::Prefill(_) => LogitsWanted::None,
+                        Job::Prefill(..) => LogitsWanted::None,
                         Job::Step { drafts, .. } => LogitsWanted::Tail(drafts.len() + 1),
                     },
                 })
@@ -302,7 +332,7 @@ impl Engine {
                 tracing::error!(error = %status.message(), "batched forward failed");
                 for w in work {
                     match w.job {
-                        Job::Prefill(reply) => {
+                        Job::Prefill(_, reply) => {
                             let _ = reply.send(Err(status.clone()));
                         }
                         Job::Step { reply, .. } => {
@@ -334,11 +364,23 @@ impl Engine {
             .record(batch_ms / 1000.0);
         for (w, logits) in work.into_iter().zip(logits) {
             let Work {
-                id, mut seq, job, ..
+                id,
+                mut seq,
+                job,
+                feed,
             } = w;
             match job {
-                Job::Prefill(reply) => {
-                    let p = Prefill { id, seq, reply };
+                Job::Prefill(progress, reply) => {
+                    self.prefilled
+                        .fetch_add(feed.len() as u64, Ordering::Relaxed);
+                    metrics::counter!("specd_prefill_tokens_total").increment(feed.len() as u64);
+                    progress.send_replace(seq.cache.len() as u32);
+                    let p = Prefill {
+                        id,
+                        seq,
+                        progress,
+                        reply,
+                    };
                     if p.remaining() == 0 {
                         self.finish_prefill(p.id, p.seq, p.reply);
                     } else {
@@ -506,7 +548,12 @@ struct Inner {
     identity: WorkerIdentity,
     slots: Slots,
     next_seq: AtomicU64,
+    counters: EngineCounters,
+    stream_idle: Duration,
 }
+
+/// Least time between two progress reports of one prefill.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 /// Frees a sequence on the engine thread when its stream ends, however it ends.
 struct SeqGuard {
@@ -531,7 +578,8 @@ impl TargetService {
         drain: Drain,
     ) -> anyhow::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
-        let engine = Engine::new(model, limits);
+        let counters = EngineCounters::default();
+        let engine = Engine::new(model, limits, counters.clone());
         let stop = drain.clone();
         std::thread::Builder::new()
             .name("specd-target-engine".into())
@@ -551,6 +599,8 @@ impl TargetService {
                 identity,
                 slots: Slots::new("target", capacity, drain),
                 next_seq: AtomicU64::new(1),
+                counters,
+                stream_idle: limits.stream_idle,
             }),
         })
     }
@@ -558,6 +608,16 @@ impl TargetService {
     /// Sequences open right now.
     pub fn active(&self) -> u32 {
         self.inner.slots.active()
+    }
+
+    /// Prompt tokens the engine has prefilled since it started.
+    pub fn prefilled_tokens(&self) -> u64 {
+        self.inner.counters.prefilled.load(Ordering::Relaxed)
+    }
+
+    /// Sequences whose KV cache the engine holds (trails [`Self::active`] by the engine's next batch).
+    pub fn held(&self) -> u32 {
+        self.inner.counters.held.load(Ordering::Relaxed) as u32
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, Status> {
@@ -601,14 +661,38 @@ impl TargetService {
             _slot: slot,
         };
         let prompt = open.prompt_ids;
-        let opened = self
-            .call(|reply| Cmd::Open {
-                seq,
-                prompt,
-                params,
-                reply,
-            })
-            .await;
+        let total = prompt.len() as u32;
+        let (progress, mut progressed) = watch::channel(0u32);
+        let opened = self.call(|reply| Cmd::Open {
+            seq,
+            prompt,
+            params,
+            progress,
+            reply,
+        });
+        tokio::pin!(opened);
+        let mut reported = Instant::now();
+        // Wait for the prefill, reporting progress if asked, and give it up (the guard's Close drops it
+        // on the engine thread between chunks) as soon as the router is gone.
+        let opened = loop {
+            tokio::select! {
+                r = &mut opened => break r,
+                changed = progressed.changed(), if open.report_progress => {
+                    if changed.is_err() || reported.elapsed() < PROGRESS_EVERY {
+                        continue;
+                    }
+                    reported = Instant::now();
+                    let p = pb::verify_response::Prefilling {
+                        prefilled: *progressed.borrow_and_update(),
+                        total,
+                    };
+                    if !io.answer(Ok(wrap(Out::Prefilling(p)))).await {
+                        return;
+                    }
+                }
+                _ = io.until_gone() => return,
+            }
+        };
         if !io.answer(opened.map(|o| wrap(Out::Opened(o)))).await {
             return;
         }
@@ -645,7 +729,7 @@ impl Target for TargetService {
         let span = tracing::info_span!("target.verify");
         specd_service::telemetry::extract(request.metadata(), &span);
         let (tx, rx) = mpsc::channel(2);
-        let io = Duplex::new(request.into_inner(), tx);
+        let io = Duplex::new(request.into_inner(), tx, self.inner.stream_idle);
         tokio::spawn(self.clone().serve_stream(io).instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -656,6 +740,7 @@ impl Target for TargetService {
             specd_coord::Role::Target,
             slots.capacity(),
             slots.active(),
+            self.held(),
             Vec::new(),
         )))
     }
@@ -709,7 +794,9 @@ mod tests {
             BatchLimits {
                 max_batch_tokens: 64,
                 prefill_chunk: 2,
+                ..BatchLimits::default()
             },
+            EngineCounters::default(),
         );
         let thread = std::thread::spawn(move || engine.run(rx));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -726,6 +813,7 @@ mod tests {
                     seq,
                     prompt,
                     params: SamplingParams::greedy(),
+                    progress: watch::channel(0).0,
                     reply,
                 })
                 .expect("send");
