@@ -138,7 +138,9 @@ impl TargetConn {
                 sequence_id: sequence_id.to_string(),
                 prompt_ids: history.to_vec(),
                 sampling: Some(wire_params(params)),
-                emit_samples: false,
+                // The router allows it; the target samples a fraction of sequences, and only while
+                // a trainer is registered.
+                emit_samples: true,
                 report_progress: true,
             })),
         };
@@ -169,14 +171,16 @@ impl TargetConn {
         }
     }
 
-    /// One verify step over `drafts` on top of `history`.
+    /// One verify step over `drafts` on top of `history`, drafted by `drafter` (kind, version).
     pub async fn step(
         &mut self,
         history: &[u32],
         drafts: &[u32],
         q: &[pb::SparseDist],
         feedback_width: u32,
+        drafter: Option<(&str, &str)>,
     ) -> Result<pb::verify_response::StepResult, ConnError> {
+        let (drafter_kind, drafter_version) = drafter.unwrap_or_default();
         let req = pb::VerifyRequest {
             msg: Some(pb::verify_request::Msg::Step(pb::verify_request::Step {
                 drafts: drafts.to_vec(),
@@ -184,6 +188,8 @@ impl TargetConn {
                 keep_len: self.valid as u32,
                 append_ids: history[self.valid..].to_vec(),
                 feedback_width,
+                drafter_kind: drafter_kind.to_string(),
+                drafter_version: drafter_version.to_string(),
             })),
         };
         match self.duplex.exchange(req).await?.msg {
@@ -212,6 +218,8 @@ pub struct DrafterConn {
     duplex: Duplex<pb::DraftRequest, pb::DraftResponse>,
     pub valid: usize,
     pub feedback_width: u32,
+    /// Weights version of the drafter serving this sequence, as it reported at Open.
+    pub version: String,
 }
 
 impl DrafterConn {
@@ -273,6 +281,7 @@ impl DrafterConn {
             duplex,
             valid: history.len(),
             feedback_width: opened.feedback_width,
+            version: opened.drafter_version,
         })
     }
 

@@ -279,7 +279,11 @@ pub async fn run(
         // Verify, failing over to another target if this one dies.
         let t = Instant::now();
         let result = loop {
-            match target.step(&history, &drafts, &q, width).await {
+            let by = drafter
+                .as_ref()
+                .filter(|_| drafted_by_drafter)
+                .map(|d| (d.kind.as_str(), d.version.as_str()));
+            match target.step(&history, &drafts, &q, width, by).await {
                 Ok(r) => break r,
                 Err(ConnError::Invalid(s)) => return Err(s),
                 Err(e) => {

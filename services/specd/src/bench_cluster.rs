@@ -107,6 +107,11 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
             loopback,
             16,
             specd_worker::target::BatchLimits::default(),
+            // No trainer in a benchmark: nothing to capture for.
+            specd_worker::samples::SampleConfig {
+                rate: 0.0,
+                ..Default::default()
+            },
             store.clone(),
             shutdown.clone(),
         ).await?;

@@ -22,6 +22,7 @@ use specd_service::grpc::{Keepalive, MAX_MESSAGE_BYTES};
 use specd_service::telemetry::{LogFormat, TelemetryConfig};
 use specd_service::{Drain, Shutdown};
 use specd_worker::drafter::{DrafterModels, DrafterService};
+use specd_worker::samples::{run_sender, SampleConfig, SampleSink};
 use specd_worker::target::{
     BatchLimits, TargetService, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFILL_CHUNK,
 };
@@ -79,6 +80,38 @@ impl ServiceArgs {
     }
 }
 
+/// Distillation sample capture on a target (sent to a trainer when one is registered).
+#[derive(Debug, Clone, Args)]
+pub struct SampleArgs {
+    /// Fraction of sequences whose verified positions are captured for the trainer (0: off). Nothing
+    /// is captured while no trainer is registered.
+    #[arg(long, env = "SPECD_SAMPLE_RATE", default_value_t = 0.1)]
+    pub sample_rate: f64,
+    /// Target tokens kept per captured position (top-w, plus the tail mass).
+    #[arg(long, env = "SPECD_SAMPLE_WIDTH", default_value_t = 32)]
+    pub sample_width: usize,
+    /// Captured samples waiting to be sent, at most; beyond it they are dropped and counted.
+    #[arg(long, env = "SPECD_SAMPLE_QUEUE", default_value_t = 256)]
+    pub sample_queue: usize,
+}
+
+impl SampleArgs {
+    pub(crate) fn config(&self) -> anyhow::Result<SampleConfig> {
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            bail!("--sample-rate must be in [0, 1], got {}", self.sample_rate);
+        }
+        if self.sample_width == 0 {
+            bail!("--sample-width must be at least 1");
+        }
+        Ok(SampleConfig {
+            rate: self.sample_rate,
+            width: self.sample_width,
+            queue: self.sample_queue.max(1),
+            ..SampleConfig::default()
+        })
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
     #[command(flatten)]
@@ -101,6 +134,8 @@ pub struct TargetArgs {
     /// between other sequences' steps).
     #[arg(long, env = "SPECD_PREFILL_CHUNK", default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    #[command(flatten)]
+    pub samples: SampleArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -181,6 +216,8 @@ pub struct UpArgs {
     /// Sequences the target holds at once.
     #[arg(long, env = "SPECD_CAPACITY", default_value_t = 16)]
     pub capacity: u32,
+    #[command(flatten)]
+    pub samples: SampleArgs,
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -279,22 +316,38 @@ fn record(role: Role, id: &WorkerIdentity, capacity: u32, kinds: Vec<String>) ->
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_target(
     target: &LoadedModel,
     args: &ServiceArgs,
     addr: SocketAddr,
     capacity: u32,
     limits: BatchLimits,
+    samples: SampleConfig,
     store: Store,
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
     let id = identity(target, instance_id(args, Role::Target));
     let drain = Drain::new();
+    let sink = if samples.rate > 0.0 {
+        let (sink, rx, stats) = SampleSink::new(samples, id.model.clone());
+        tokio::spawn(run_sender(
+            rx,
+            store.clone(),
+            args.keepalive(),
+            stats,
+            shutdown.clone(),
+        ));
+        Some(sink)
+    } else {
+        None
+    };
     let svc = TargetService::start(
         target.model.clone(),
         id.clone(),
         capacity,
         limits,
+        sink,
         drain.clone(),
     )?;
     let load = svc.clone();
@@ -611,6 +664,7 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
                     prefill_chunk: a.prefill_chunk,
                     stream_idle: a.service.stream_idle(),
                 },
+                a.samples.config()?,
                 store,
                 shutdown,
             )
@@ -700,6 +754,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                     stream_idle: args.service.stream_idle(),
                     ..BatchLimits::default()
                 },
+                args.samples.config()?,
                 store.clone(),
                 workers.clone(),
             )

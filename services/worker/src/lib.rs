@@ -4,6 +4,7 @@
 //!   engine thread (rejection sampling per sequence, rollback by `keep_len`).
 //! - [`drafter`]: `Drafter.Draft`, one drafter instance per sequence (draft model, self-drafter or the
 //!   n-gram drafter sharing one recycling table per worker).
+//! - [`samples`]: distillation sample capture on targets and the bounded sender to a trainer.
 //! - [`slots`]: per-worker admission (capacity, draining); [`convert`]: wire checks and conversions;
 //!   [`stream`]: the request/answer discipline both streams share.
 //! - [`serve_worker`]: what both roles do around their service: bind, health and reflection, register
@@ -13,6 +14,7 @@
 
 pub mod convert;
 pub mod drafter;
+pub mod samples;
 pub mod slots;
 pub mod stream;
 pub mod target;

@@ -28,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::convert::{self, MAX_FEEDBACK_WIDTH};
+use crate::samples::{Capture, SampleSink};
 use crate::slots::{Slot, Slots};
 use crate::stream::{Duplex, DEFAULT_STREAM_IDLE};
 use crate::WorkerIdentity;
@@ -48,6 +49,8 @@ enum Cmd {
         params: SamplingParams,
         /// Prompt tokens prefilled so far, updated after every chunk.
         progress: watch::Sender<u32>,
+        /// Whether the router allows distillation samples of this sequence.
+        allow_samples: bool,
         reply: Reply<pb::verify_response::Opened>,
     },
     Step {
@@ -66,6 +69,8 @@ struct Seq {
     cache: KvCache,
     params: SamplingParams,
     sampler: Sampler,
+    /// Distillation positions not yet sent, for a captured sequence.
+    capture: Option<Capture>,
 }
 
 /// How much work one batched forward takes, and how long a stream may idle.
@@ -118,6 +123,8 @@ enum Job {
         drafts: Vec<u32>,
         q: Vec<SparseDist>,
         width: usize,
+        /// Kind and version of the drafter that drafted, for samples.
+        drafter: (String, String),
         reply: Reply<pb::verify_response::StepResult>,
     },
 }
@@ -143,11 +150,19 @@ struct Engine {
     prefilled: Arc<AtomicU64>,
     /// Sequences whose cache the engine holds (open or being prefilled), updated after every batch.
     held: Arc<AtomicU64>,
+    /// Where captured distillation samples go; `None`: capture off.
+    samples: Option<SampleSink>,
 }
 
 impl Engine {
-    fn new(model: Model, limits: BatchLimits, counters: EngineCounters) -> Self {
+    fn new(
+        model: Model,
+        limits: BatchLimits,
+        counters: EngineCounters,
+        samples: Option<SampleSink>,
+    ) -> Self {
         Self {
+            samples,
             prefilled: counters.prefilled,
             held: counters.held,
             model,
@@ -227,6 +242,7 @@ impl Engine {
                     prompt,
                     params,
                     progress,
+                    allow_samples,
                     reply,
                 } => {
                     if let Err(s) = check_open(&prompt, cfg.vocab, cfg.context) {
@@ -241,6 +257,7 @@ impl Engine {
                             cache: self.model.new_cache(),
                             params,
                             sampler,
+                            capture: self.samples.as_ref().and_then(|s| s.choose(allow_samples)),
                         },
                         progress,
                         reply,
@@ -253,6 +270,7 @@ impl Engine {
                         )));
                         continue;
                     };
+                    let drafter = (step.drafter_kind.clone(), step.drafter_version.clone());
                     match prepare_step(&mut s, step, cfg.vocab, cfg.context) {
                         Ok((feed, drafts, q, width)) => work.push(Work {
                             id: seq,
@@ -262,6 +280,7 @@ impl Engine {
                                 drafts,
                                 q,
                                 width,
+                                drafter,
                                 reply,
                             },
                         }),
@@ -275,7 +294,11 @@ impl Engine {
         }
         // Closes first: a prefill whose stream is gone is not worth a chunk.
         for seq in closes {
-            self.seqs.remove(&seq);
+            if let (Some(mut s), Some(sink)) = (self.seqs.remove(&seq), &self.samples) {
+                if let Some(cap) = s.capture.as_mut() {
+                    sink.flush(cap, &s.tokens);
+                }
+            }
             let before = self.prefilling.len();
             self.prefilling.retain(|p| p.id != seq);
             if self.prefilling.len() < before {
@@ -391,11 +414,20 @@ impl Engine {
                     drafts,
                     q,
                     width,
+                    drafter,
                     reply,
                 } => {
                     let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
                     let r = decide(&mut seq, &drafts, &q, &rows, width, batch_ms, row_cost);
+                    let context_len = seq.tokens.len();
                     seq.tokens.extend_from_slice(&drafts);
+                    if let (Ok(r), Some(sink), Some(cap)) =
+                        (&r, &self.samples, seq.capture.as_mut())
+                    {
+                        let accepted = r.accepted as usize;
+                        let d = (drafter.0.as_str(), drafter.1.as_str());
+                        sink.step(cap, &seq.tokens, context_len, &drafts, accepted, &rows, d);
+                    }
                     let _ = reply.send(r);
                     self.seqs.insert(id, seq);
                 }
@@ -575,11 +607,12 @@ impl TargetService {
         identity: WorkerIdentity,
         capacity: u32,
         limits: BatchLimits,
+        samples: Option<SampleSink>,
         drain: Drain,
     ) -> anyhow::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
         let counters = EngineCounters::default();
-        let engine = Engine::new(model, limits, counters.clone());
+        let engine = Engine::new(model, limits, counters.clone(), samples);
         let stop = drain.clone();
         std::thread::Builder::new()
             .name("specd-target-engine".into())
@@ -668,6 +701,7 @@ impl TargetService {
             prompt,
             params,
             progress,
+            allow_samples: open.emit_samples,
             reply,
         });
         tokio::pin!(opened);
@@ -760,6 +794,7 @@ mod tests {
             keep_len: keep as u32,
             append_ids: append,
             feedback_width: 0,
+            ..Default::default()
         }
     }
 
@@ -797,6 +832,7 @@ mod tests {
                 ..BatchLimits::default()
             },
             EngineCounters::default(),
+            None,
         );
         let thread = std::thread::spawn(move || engine.run(rx));
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -814,6 +850,7 @@ mod tests {
                     prompt,
                     params: SamplingParams::greedy(),
                     progress: watch::channel(0).0,
+                    allow_samples: false,
                     reply,
                 })
                 .expect("send");

@@ -1,5 +1,6 @@
 //! A target worker's Verify streams served over loopback gRPC, against a tiny random-weight model:
-//! prefill progress, an abandoned prefill given up on the engine thread, an idle stream ended.
+//! prefill progress, an abandoned prefill given up on the engine thread, an idle stream ended, and
+//! distillation samples captured and streamed to a (mock) trainer found in the coordination store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use specd_proto::internal::v1 as pb;
 use specd_proto::internal::v1::target_client::TargetClient;
 use specd_proto::internal::v1::target_server::TargetServer;
 use specd_service::Drain;
+use specd_worker::samples::{run_sender, SampleConfig, SampleSink};
 use specd_worker::target::{BatchLimits, TargetService};
 use specd_worker::WorkerIdentity;
 use tokio::sync::mpsc;
@@ -19,6 +21,13 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A target service on 127.0.0.1 over a tiny model with a long context; its address.
 async fn serve(limits: BatchLimits) -> (TargetService, String, tempfile::TempDir) {
+    serve_with(limits, None).await
+}
+
+async fn serve_with(
+    limits: BatchLimits,
+    samples: Option<SampleSink>,
+) -> (TargetService, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("tiny.gguf");
     let mut spec = TinySpec::new(Family::Qwen2, 3);
@@ -26,8 +35,15 @@ async fn serve(limits: BatchLimits) -> (TargetService, String, tempfile::TempDir
     spec.layers = 4;
     write_tiny_model(&path, &spec).expect("write");
     let model = load_gguf(&path).expect("load").model;
-    let svc = TargetService::start(model, WorkerIdentity::default(), 4, limits, Drain::new())
-        .expect("start");
+    let svc = TargetService::start(
+        model,
+        WorkerIdentity::default(),
+        4,
+        limits,
+        samples,
+        Drain::new(),
+    )
+    .expect("start");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -144,4 +160,243 @@ async fn a_stream_that_goes_quiet_is_ended_and_its_sequence_freed() {
     })
     .await;
     drop(tx);
+}
+
+/// A trainer that keeps what it is sent.
+#[derive(Clone, Default)]
+struct MockTrainer {
+    got: std::sync::Arc<std::sync::Mutex<Vec<pb::DistillSample>>>,
+}
+
+#[tonic::async_trait]
+impl specd_proto::internal::v1::trainer_server::Trainer for MockTrainer {
+    async fn submit_samples(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::DistillSample>>,
+    ) -> Result<tonic::Response<pb::SubmitAck>, tonic::Status> {
+        let mut stream = request.into_inner();
+        let mut n = 0;
+        while let Some(s) = stream.message().await? {
+            self.got.lock().unwrap().push(s);
+            n += 1;
+        }
+        Ok(tonic::Response::new(pb::SubmitAck {
+            accepted: n,
+            dropped: 0,
+        }))
+    }
+
+    type FetchWeightsStream = ReceiverStream<Result<pb::WeightChunk, tonic::Status>>;
+
+    async fn fetch_weights(
+        &self,
+        _: tonic::Request<pb::FetchWeightsRequest>,
+    ) -> Result<tonic::Response<Self::FetchWeightsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("mock"))
+    }
+
+    async fn status(
+        &self,
+        _: tonic::Request<pb::TrainerStatusRequest>,
+    ) -> Result<tonic::Response<pb::TrainerStatus>, tonic::Status> {
+        Err(tonic::Status::unimplemented("mock"))
+    }
+}
+
+fn step(keep: usize, append: Vec<u32>, drafts: Vec<u32>, kind: &str) -> pb::VerifyRequest {
+    pb::VerifyRequest {
+        msg: Some(pb::verify_request::Msg::Step(pb::verify_request::Step {
+            drafts,
+            keep_len: keep as u32,
+            append_ids: append,
+            drafter_kind: kind.into(),
+            drafter_version: if kind.is_empty() { "" } else { "7" }.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_positions_reach_the_trainer_as_distillation_samples() {
+    use specd_proto::internal::v1::trainer_server::TrainerServer;
+    // The trainer, registered in the store the sender reads.
+    let trainer = MockTrainer::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let trainer_addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TrainerServer::new(trainer.clone()))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let store = specd_coord::Store::memory();
+    store
+        .put_record(
+            &specd_coord::InstanceRecord {
+                role: specd_coord::Role::Trainer,
+                id: "trainer-1".into(),
+                address: trainer_addr,
+                model: String::new(),
+                family: String::new(),
+                tokenizer_fingerprint: String::new(),
+                capacity: 0,
+                load: 0,
+                drafter_kinds: Vec::new(),
+                weights_version: None,
+            },
+            None,
+        )
+        .await
+        .expect("register");
+    let cfg = SampleConfig {
+        rate: 1.0,
+        width: 8,
+        queue: 16,
+        flush_positions: 3,
+    };
+    let (sink, rx, stats) = SampleSink::new(cfg, "tiny".into());
+    tokio::spawn(run_sender(
+        rx,
+        store,
+        specd_service::grpc::Keepalive::default(),
+        std::sync::Arc::clone(&stats),
+        specd_service::Shutdown::new(),
+    ));
+    until("the sender to find the trainer", || {
+        stats.trainer.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let (_svc, addr, dir) = serve_with(BatchLimits::default(), Some(sink)).await;
+    let model = load_gguf(&dir.path().join("tiny.gguf"))
+        .expect("load")
+        .model;
+    let prompt: Vec<u32> = vec![11, 22, 33, 44, 55];
+    let n = prompt.len();
+    // The target's own greedy continuation, for drafts it accepts.
+    let logits_after = |tokens: &[u32]| {
+        model
+            .forward(
+                &mut model.new_cache(),
+                tokens,
+                specd_engine::LogitsWanted::Last,
+            )
+            .expect("forward")
+    };
+    let mut seq = prompt.clone();
+    for _ in 0..3 {
+        let t = specd_core::argmax(&logits_after(&seq));
+        seq.push(t);
+    }
+    let wrong = (seq[n + 2] + 1) % 200;
+
+    let mut client = TargetClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(2);
+    let mut o = open(prompt.clone(), false);
+    if let Some(pb::verify_request::Msg::Open(open)) = o.msg.as_mut() {
+        open.emit_samples = true;
+    }
+    tx.send(o).await.expect("send");
+    let mut answers = client
+        .verify(ReceiverStream::new(rx))
+        .await
+        .expect("verify")
+        .into_inner();
+    answers.message().await.expect("ok").expect("opened");
+    // Two drafts accepted, the third rejected (the target answers seq[n + 2]).
+    tx.send(step(n, vec![], vec![seq[n], seq[n + 1], wrong], "model"))
+        .await
+        .expect("send");
+    let r = answers.message().await.expect("ok").expect("result");
+    let Some(pb::verify_response::Msg::StepResult(r)) = r.msg else {
+        panic!("{r:?}")
+    };
+    assert_eq!((r.accepted, r.next_token), (2, seq[n + 2]));
+    // A plain step.
+    tx.send(step(n + 2, vec![seq[n + 2]], vec![], ""))
+        .await
+        .expect("send");
+    answers.message().await.expect("ok").expect("result");
+    drop(tx);
+    drop(answers);
+    until("both samples at the trainer", || {
+        trainer.got.lock().unwrap().len() == 2
+    })
+    .await;
+    let got = trainer.got.lock().unwrap().clone();
+    let (a, b) = (&got[0], &got[1]);
+    assert_eq!(a.model, "tiny");
+    assert_eq!(
+        (a.drafter_kind.as_str(), a.drafter_version.as_str()),
+        ("model", "7")
+    );
+    assert_eq!(a.positions, vec![n as u32, n as u32 + 1, n as u32 + 2]);
+    assert_eq!(a.rejected, vec![false, false, true]);
+    assert_eq!(a.drafted, vec![true, true, true]);
+    assert_eq!(a.draft_ids, vec![seq[n], seq[n + 1], wrong]);
+    assert_eq!(a.context_ids, seq[..n + 2].to_vec());
+    assert_eq!(b.positions, vec![n as u32 + 3]);
+    assert_eq!(
+        (b.drafted.clone(), b.rejected.clone()),
+        (vec![false], vec![false])
+    );
+    assert_eq!(b.context_ids, seq[..n + 3].to_vec());
+    // Each distribution is the target's own top 8 at that prefix, with its tail mass.
+    for s in [a, b] {
+        for (i, &pos) in s.positions.iter().enumerate() {
+            let want = specd_core::TopTarget::from_logits(&logits_after(&seq[..pos as usize]), 8)
+                .expect("top");
+            assert_eq!(s.target[i].ids, want.ids(), "position {pos}");
+            assert!((f64::from(s.tail_mass[i]) - want.tail()).abs() < 1e-5);
+        }
+    }
+    assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_trainer_nothing_is_captured_and_serving_goes_on() {
+    let (sink, rx, stats) = SampleSink::new(
+        SampleConfig {
+            rate: 1.0,
+            ..SampleConfig::default()
+        },
+        "tiny".into(),
+    );
+    tokio::spawn(run_sender(
+        rx,
+        specd_coord::Store::memory(),
+        specd_service::grpc::Keepalive::default(),
+        std::sync::Arc::clone(&stats),
+        specd_service::Shutdown::new(),
+    ));
+    let (svc, addr, _dir) = serve_with(BatchLimits::default(), Some(sink)).await;
+    let mut client = TargetClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(2);
+    let mut o = open(vec![1, 2, 3], false);
+    if let Some(pb::verify_request::Msg::Open(open)) = o.msg.as_mut() {
+        open.emit_samples = true;
+    }
+    tx.send(o).await.expect("send");
+    let mut answers = client
+        .verify(ReceiverStream::new(rx))
+        .await
+        .expect("verify")
+        .into_inner();
+    answers.message().await.expect("ok").expect("opened");
+    tx.send(step(3, vec![], vec![7, 8], "ngram"))
+        .await
+        .expect("send");
+    let r = answers.message().await.expect("ok").expect("result");
+    assert!(
+        matches!(r.msg, Some(pb::verify_response::Msg::StepResult(_))),
+        "{r:?}"
+    );
+    drop(tx);
+    drop(answers);
+    until("the sequence to close", || svc.held() == 0).await;
+    assert_eq!(stats.captured.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
