@@ -188,6 +188,23 @@ impl Cluster {
         self.target_addrs.push(addr);
     }
 
+    /// Starts a trainer process; it and its address.
+    fn start_trainer(&mut self, n: usize) -> (Proc, String) {
+        let mut args = vec![
+            "trainer".to_string(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(self.common());
+        let (p, banner) = Proc::start(&format!("trainer{n}"), &args, self.dir.path());
+        let addr = banner
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        (p, addr)
+    }
+
     fn start_drafter(&mut self) {
         let mut args = vec![
             "drafter".to_string(),
@@ -1448,4 +1465,84 @@ async fn drafters_active(c: &Cluster) -> u32 {
             .active_sequences;
     }
     n
+}
+
+async fn trainer_status(addr: &str) -> Option<specd_proto::internal::v1::TrainerStatus> {
+    let mut t =
+        specd_proto::internal::v1::trainer_client::TrainerClient::connect(format!("http://{addr}"))
+            .await
+            .ok()?;
+    t.status(specd_proto::internal::v1::TrainerStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Serves requests until the trainer at `addr` holds samples; the outputs stay plain greedy decoding.
+async fn serve_until_buffered(c: &Cluster, model: &LoadedModel, addr: &str, what: &str) {
+    let mut client = c.client().await;
+    let end = Instant::now() + WAIT;
+    for i in 0.. {
+        let prompt = PROMPTS[i % PROMPTS.len()];
+        let got = client
+            .generate(request(prompt, 16, "self"))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", c.logs()))
+            .into_inner();
+        assert_eq!(got.token_ids, reference(model, prompt, 16), "{what}");
+        if trainer_status(addr)
+            .await
+            .is_some_and(|s| s.buffered_samples > 0)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: no sample reached the trainer\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Targets capture distillation samples and stream them to the trainer that leads the election; when
+/// it dies, the standby takes over and receives them; serving never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_reach_the_leading_trainer_and_a_standby_takes_over() {
+    let Some((sel, model)) = smollm() else { return };
+    let Some(mut c) = Cluster::start_with(sel, &[], &[], &["--sample-rate", "1"]).await else {
+        return;
+    };
+    let (t0, a0) = c.start_trainer(0);
+    let (t1, a1) = c.start_trainer(1);
+    let mut trainers = [(t0, a0), (t1, a1)];
+    let end = Instant::now() + WAIT;
+    let leader = loop {
+        let mut leading = Vec::new();
+        for (i, (_, a)) in trainers.iter().enumerate() {
+            if trainer_status(a).await.is_some_and(|s| s.leader) {
+                leading.push(i);
+            }
+        }
+        assert!(leading.len() <= 1, "two leaders");
+        if let Some(&i) = leading.first() {
+            break i;
+        }
+        assert!(Instant::now() < end, "no trainer leads");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let addr = trainers[leader].1.clone();
+    serve_until_buffered(&c, &model, &addr, "to the leader").await;
+    trainers[leader].0.kill();
+    let standby = trainers[1 - leader].1.clone();
+    let end = Instant::now() + WAIT;
+    while !trainer_status(&standby).await.is_some_and(|s| s.leader) {
+        assert!(
+            Instant::now() < end,
+            "the standby never took over\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    serve_until_buffered(&c, &model, &standby, "to the standby").await;
 }

@@ -38,6 +38,8 @@ pub enum Command {
     Drafter(crate::serve::DrafterArgs),
     /// Run a target worker; needs --etcd.
     Target(crate::serve::TargetArgs),
+    /// Run a trainer (collects distillation samples; one leader per model); needs --etcd.
+    Trainer(crate::serve::TrainerArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -27,6 +27,7 @@ fn main() {
         cli::Command::Router(args) => Some(serve::run_router(args)),
         cli::Command::Drafter(args) => Some(serve::run_drafter(args)),
         cli::Command::Target(args) => Some(serve::run_target(args)),
+        cli::Command::Trainer(args) => Some(serve::run_trainer(args)),
         other => {
             run_local(other);
             None
@@ -56,7 +57,8 @@ fn run_local(command: cli::Command) {
         cli::Command::Up(_)
         | cli::Command::Router(_)
         | cli::Command::Drafter(_)
-        | cli::Command::Target(_) => Ok(()),
+        | cli::Command::Target(_)
+        | cli::Command::Trainer(_) => Ok(()),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -15,12 +15,15 @@ use specd_engine::preset::{default_self_layers, trim_draft_head, Preset};
 use specd_engine::{load_gguf, LoadedModel};
 use specd_proto::internal::v1::drafter_server::DrafterServer;
 use specd_proto::internal::v1::target_server::TargetServer;
+use specd_proto::internal::v1::trainer_server::TrainerServer;
 use specd_proto::v1::generation_server::GenerationServer;
 use specd_router::core::{ModelMeta, Router, RouterConfig};
 use specd_router::pool::Pool;
 use specd_service::grpc::{Keepalive, MAX_MESSAGE_BYTES};
 use specd_service::telemetry::{LogFormat, TelemetryConfig};
 use specd_service::{Drain, Shutdown};
+use specd_trainer::buffer::BufferConfig;
+use specd_trainer::service::{TrainerConfig, TrainerService};
 use specd_worker::drafter::{DrafterModels, DrafterService};
 use specd_worker::samples::{run_sender, SampleConfig, SampleSink};
 use specd_worker::target::{
@@ -110,6 +113,43 @@ impl SampleArgs {
             ..SampleConfig::default()
         })
     }
+}
+
+/// The replay buffer's bounds.
+#[derive(Debug, Clone, Args)]
+pub struct BufferArgs {
+    /// Most training positions kept per drafter kind (oldest samples go first).
+    #[arg(long, env = "SPECD_BUFFER_POSITIONS", default_value_t = 200_000)]
+    pub buffer_positions: usize,
+    /// One sample in this many is held out for evaluation.
+    #[arg(long, env = "SPECD_EVAL_EVERY", default_value_t = 10)]
+    pub eval_every: u64,
+}
+
+impl BufferArgs {
+    fn config(&self) -> BufferConfig {
+        BufferConfig {
+            max_positions: self.buffer_positions.max(1),
+            max_held_out: (self.buffer_positions / 10).max(1),
+            eval_every: self.eval_every,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// gRPC listen address.
+    #[arg(long, env = "SPECD_GRPC_ADDR", default_value = "0.0.0.0:50081")]
+    pub grpc_addr: SocketAddr,
+    /// Prometheus /metrics and /health listen address (none: not served).
+    #[arg(long, env = "SPECD_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub buffer: BufferArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -218,6 +258,12 @@ pub struct UpArgs {
     pub capacity: u32,
     #[command(flatten)]
     pub samples: SampleArgs,
+    /// Also run a trainer (it collects the target's distillation samples; it does not train yet, so
+    /// it is off by default: capturing costs the target some time per captured step).
+    #[arg(long, env = "SPECD_TRAINER")]
+    pub trainer: bool,
+    #[command(flatten)]
+    pub buffer: BufferArgs,
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -284,6 +330,87 @@ pub(crate) fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)>
     Ok((preset, path))
 }
 
+/// Serves a trainer for `model` (vocabulary `vocab`) and campaigns for its election until `shutdown`.
+pub(crate) async fn start_trainer(
+    model: String,
+    vocab: usize,
+    args: &ServiceArgs,
+    addr: SocketAddr,
+    buffer: BufferConfig,
+    store: Store,
+    shutdown: Shutdown,
+) -> anyhow::Result<specd_worker::Running> {
+    let svc = TrainerService::new(TrainerConfig {
+        model: model.clone(),
+        vocab,
+        buffer,
+    });
+    let leader = svc.leader_flag();
+    let router = specd_service::grpc::server(args.keepalive()).add_service(
+        TrainerServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let id = WorkerIdentity {
+        instance_id: instance_id(args, Role::Trainer),
+        model: model.clone(),
+        ..WorkerIdentity::default()
+    };
+    let running = serve_worker(
+        router,
+        specd_worker::health_name(Role::Trainer),
+        record(Role::Trainer, &id, 0, Vec::new()),
+        || 0,
+        Drain::new(),
+        serve_options(args, addr, store.clone(), shutdown.clone()),
+    )
+    .await?;
+    tokio::spawn(specd_trainer::service::lead(
+        store,
+        model,
+        running.advertised.clone(),
+        Duration::from_secs(args.lease_ttl.max(1)),
+        leader,
+        shutdown,
+    ));
+    Ok(running)
+}
+
+pub fn run_trainer(args: TrainerArgs) -> anyhow::Result<()> {
+    let a = &args;
+    run_role(
+        "specd-trainer",
+        a.model.threads,
+        &a.service,
+        a.metrics_addr,
+        false,
+        |store, shutdown| async move {
+            let (_, path) = target_file(&a.model)?;
+            // Only the target's metadata: its id and vocabulary, to check samples.
+            let meta = specd_tokenizer::GgufMeta::open(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            // The model's vocabulary is its embedding's row count (ggml dims: innermost first).
+            let vocab = meta
+                .tensor("token_embd.weight")
+                .and_then(|t| t.dims.get(1).copied())
+                .with_context(|| format!("{} has no token_embd.weight", path.display()))?
+                as usize;
+            let running = start_trainer(
+                model_id(&path),
+                vocab,
+                &a.service,
+                a.grpc_addr,
+                a.buffer.config(),
+                store,
+                shutdown,
+            )
+            .await?;
+            println!("trainer listening on {}", running.advertised);
+            wait(running.task).await
+        },
+    )
+}
+
 pub(crate) fn identity(target: &LoadedModel, id: String) -> WorkerIdentity {
     WorkerIdentity {
         instance_id: id,
@@ -333,6 +460,7 @@ pub(crate) async fn start_target(
         let (sink, rx, stats) = SampleSink::new(samples, id.model.clone());
         tokio::spawn(run_sender(
             rx,
+            id.model.clone(),
             store.clone(),
             args.keepalive(),
             stats,
@@ -770,6 +898,22 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 workers.clone(),
             )
             .await?;
+            let trainer = if args.trainer {
+                Some(
+                    start_trainer(
+                        model_id(&path),
+                        target.model.config().vocab,
+                        &svc_args,
+                        loopback,
+                        args.buffer.config(),
+                        store.clone(),
+                        workers.clone(),
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
             let r = start_router(
                 &args.model,
                 &args.service,
@@ -790,12 +934,18 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             );
             println!("  HTTP    http://{}  (OpenAI /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health)", r.http_addr);
             println!("  target  {}   drafter {}", t.advertised, d.advertised);
+            if let Some(tr) = &trainer {
+                println!("  trainer {}", tr.advertised);
+            }
             println!("Ctrl-C to stop.");
             // The router drains first (in-flight requests need the workers), then the workers stop.
             let routed = wait(r.task).await;
             workers.trigger();
             let _ = wait(d.task).await;
             let _ = wait(t.task).await;
+            if let Some(tr) = trainer {
+                let _ = wait(tr.task).await;
+            }
             routed
         },
     )

@@ -7,8 +7,8 @@
 //! `DistillSample` (flushed every `flush_positions` positions and when the sequence ends).
 //!
 //! Serving never waits on training: the engine hands samples over with `try_send` on a bounded queue,
-//! and the sender forwards them with `try_send` on a bounded stream to the trainer it finds in the
-//! coordination store. A full queue, a slow trainer or no trainer at all drops the sample and counts it
+//! and the sender forwards them with `try_send` on a bounded stream to the trainer that leads the
+//! model's trainer election in the coordination store. A full queue, a slow trainer or no trainer at all drops the sample and counts it
 //! (`specd_distill_samples_total{outcome="dropped", reason}`). This module does not train, buffer for
 //! replay or pick a leader: that is the trainer's.
 
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use specd_coord::{keys, InstanceRecord, Role, Store};
+use specd_coord::{keys, Store};
 use specd_core::TopTarget;
 use specd_proto::internal::v1 as pb;
 use specd_proto::internal::v1::trainer_client::TrainerClient;
@@ -192,10 +192,12 @@ const LOOKUP_EVERY: Duration = Duration::from_secs(2);
 /// Samples in flight to the trainer, at most.
 const STREAM_DEPTH: usize = 64;
 
-/// Forwards samples to a trainer registered under `/specd/v1/instances/trainer/` until `stop` fires:
-/// one `SubmitSamples` stream at a time, reopened (on the next trainer found) when it ends or fails.
+/// Forwards samples to the trainer leading `model`'s trainer election (its key holds the leader's
+/// address) until `stop` fires: one `SubmitSamples` stream at a time, reopened (to whoever leads then)
+/// when it ends or fails.
 pub async fn run_sender(
     mut rx: mpsc::Receiver<pb::DistillSample>,
+    model: String,
     store: Store,
     keepalive: Keepalive,
     stats: Arc<SampleStats>,
@@ -218,7 +220,7 @@ pub async fn run_sender(
         }
         if stream.is_none() && looked.is_none_or(|t| t.elapsed() >= LOOKUP_EVERY) {
             looked = Some(Instant::now());
-            stream = open_stream(&store, keepalive).await;
+            stream = open_stream(&store, &model, keepalive).await;
         }
         stats.trainer.store(stream.is_some(), Ordering::Relaxed);
         let Some(sample) = sample else { continue };
@@ -241,27 +243,25 @@ pub async fn run_sender(
     }
 }
 
-/// Opens a `SubmitSamples` stream to the first trainer registered; `None` when there is none or it
-/// cannot be dialled.
+/// Opens a `SubmitSamples` stream to the leading trainer of `model`; `None` when none leads or its
+/// address is unusable.
 async fn open_stream(
     store: &Store,
+    model: &str,
     keepalive: Keepalive,
 ) -> Option<mpsc::Sender<pb::DistillSample>> {
-    let trainers = match store
-        .list_records::<InstanceRecord>(&keys::instances_of(Role::Trainer))
-        .await
-    {
-        Ok((t, _)) => t,
+    let address = match store.leader(&keys::trainer_election(model)).await {
+        Ok(Some(v)) => String::from_utf8_lossy(&v).into_owned(),
+        Ok(None) => return None,
         Err(e) => {
-            tracing::debug!(error = %e, "looking up trainers failed");
+            tracing::debug!(error = %e, "looking up the trainer leader failed");
             return None;
         }
     };
-    let trainer = trainers.into_iter().next()?;
-    let endpoint = match specd_service::grpc::endpoint(&trainer.address, keepalive) {
+    let endpoint = match specd_service::grpc::endpoint(&address, keepalive) {
         Ok(e) => e,
         Err(e) => {
-            tracing::warn!(trainer = %trainer.id, error = %e, "unusable trainer address");
+            tracing::warn!(trainer = %address, error = %e, "unusable trainer address");
             return None;
         }
     };
@@ -269,7 +269,7 @@ async fn open_stream(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-    let id = trainer.id.clone();
+    let id = address.clone();
     tokio::spawn(async move {
         match client.submit_samples(ReceiverStream::new(rx)).await {
             Ok(ack) => {
@@ -281,6 +281,6 @@ async fn open_stream(
             }
         }
     });
-    tracing::info!(trainer = %trainer.id, address = %trainer.address, "streaming distillation samples");
+    tracing::info!(trainer = %address, "streaming distillation samples");
     Some(tx)
 }

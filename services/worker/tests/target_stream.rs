@@ -231,24 +231,15 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let store = specd_coord::Store::memory();
+    // It leads the model's trainer election: the key holds its address.
     store
-        .put_record(
-            &specd_coord::InstanceRecord {
-                role: specd_coord::Role::Trainer,
-                id: "trainer-1".into(),
-                address: trainer_addr,
-                model: String::new(),
-                family: String::new(),
-                tokenizer_fingerprint: String::new(),
-                capacity: 0,
-                load: 0,
-                drafter_kinds: Vec::new(),
-                weights_version: None,
-            },
+        .put(
+            &specd_coord::keys::trainer_election("tiny"),
+            trainer_addr,
             None,
         )
         .await
-        .expect("register");
+        .expect("elect");
     let cfg = SampleConfig {
         rate: 1.0,
         width: 8,
@@ -258,6 +249,7 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
     let (sink, rx, stats) = SampleSink::new(cfg, "tiny".into());
     tokio::spawn(run_sender(
         rx,
+        "tiny".into(),
         store,
         specd_service::grpc::Keepalive::default(),
         std::sync::Arc::clone(&stats),
@@ -366,6 +358,7 @@ async fn without_a_trainer_nothing_is_captured_and_serving_goes_on() {
     );
     tokio::spawn(run_sender(
         rx,
+        "tiny".into(),
         specd_coord::Store::memory(),
         specd_service::grpc::Keepalive::default(),
         std::sync::Arc::clone(&stats),
