@@ -7,13 +7,17 @@
 //! - `drafter`: the [`Drafter`] trait and its kinds (a draft model, a self-drafter cut from the target's
 //!   first layers, a model-free n-gram/token-recycling drafter).
 //! - `speculate`: the single-process speculation loop (draft, verify, roll back, adapt k).
+//! - `exit_train`: distilling a self-drafter's early exit (an `ExitAdapter` before its final norm) with
+//!   candle autograd against the target's captured distributions.
 //! - `testing`: tiny random-weight model files for hermetic tests.
 //!
-//! It does not do networking, scheduling across processes, or training; those live in the services.
+//! It does not do networking, scheduling across processes, or the training loop's policy (what to train
+//! on, when, and what to publish); those live in the services.
 
 pub mod config;
 pub mod drafter;
 pub mod error;
+pub mod exit_train;
 pub mod kernels;
 pub mod kv;
 pub mod load;
@@ -28,6 +32,6 @@ pub use drafter::{Drafter, DrafterKind, Proposal};
 pub use error::EngineError;
 pub use kv::KvCache;
 pub use load::{load_gguf, load_safetensors, LoadedModel};
-pub use model::{LogitsWanted, Model, SeqInput};
+pub use model::{ExitAdapter, LogitsWanted, Model, SeqInput};
 pub use preset::{build_drafter, Preset};
 pub use speculate::{FinishReason, GenerateOptions, GenerationStats, Generator};

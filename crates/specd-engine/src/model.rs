@@ -107,6 +107,51 @@ struct HeadSubset {
     ids: Vec<u32>,
 }
 
+/// A low-rank correction of the residual stream before the final norm: `x + B (A x)`, trained by
+/// distillation (`crate::exit_train`) so that a self-drafter's early exit predicts what the full model
+/// would. `a` is `rank x hidden` and `b` is `hidden x rank`, row-major; per row the arithmetic is fixed,
+/// so it keeps the forward batch-invariant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExitAdapter {
+    pub rank: usize,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+impl ExitAdapter {
+    /// Checks its shape against a hidden size.
+    pub fn check(&self, hidden: usize) -> Result<(), EngineError> {
+        if self.rank == 0
+            || self.a.len() != self.rank * hidden
+            || self.b.len() != hidden * self.rank
+        {
+            return Err(EngineError::BadModel(format!(
+                "exit adapter of rank {} does not fit a hidden size of {hidden}",
+                self.rank
+            )));
+        }
+        if self.a.iter().chain(&self.b).any(|v| !v.is_finite()) {
+            return Err(EngineError::BadModel(
+                "exit adapter holds NaN or inf".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `x += B (A x)` for one row.
+    fn apply(&self, x: &mut [f32]) {
+        let d = x.len();
+        let t: Vec<f32> = self
+            .a
+            .chunks_exact(d)
+            .map(|row| row.iter().zip(x.iter()).map(|(a, x)| a * x).sum())
+            .collect();
+        for (xi, brow) in x.iter_mut().zip(self.b.chunks_exact(self.rank)) {
+            *xi += brow.iter().zip(&t).map(|(b, t)| b * t).sum::<f32>();
+        }
+    }
+}
+
 /// A decoder over shared weights.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -114,6 +159,8 @@ pub struct Model {
     weights: Arc<Weights>,
     /// When set, logits are computed only for these token ids.
     head: Option<Arc<HeadSubset>>,
+    /// Applied to the residual stream of the rows that want logits, before the final norm.
+    adapter: Option<Arc<ExitAdapter>>,
 }
 
 impl Model {
@@ -130,7 +177,54 @@ impl Model {
             cfg,
             weights,
             head: None,
+            adapter: None,
         })
+    }
+
+    /// The same model with `adapter` applied before its final norm (`None` removes it).
+    pub fn with_adapter(&self, adapter: Option<ExitAdapter>) -> Result<Self, EngineError> {
+        if let Some(a) = &adapter {
+            a.check(self.cfg.hidden)?;
+        }
+        Ok(Self {
+            adapter: adapter.map(Arc::new),
+            ..self.clone()
+        })
+    }
+
+    pub fn adapter(&self) -> Option<&ExitAdapter> {
+        self.adapter.as_deref()
+    }
+
+    /// The rows of the LM head as f32, one per logit column (all token ids, or a trimmed head's), and
+    /// the final norm's weights: what a trainer needs to backpropagate through the head.
+    pub fn head_f32(&self) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let d = self.cfg.hidden;
+        let full = self.full_head();
+        let ids: Vec<u32> = match self.logit_ids() {
+            Some(ids) => ids.to_vec(),
+            None => (0..full.rows() as u32).collect(),
+        };
+        let mut w = vec![0f32; ids.len() * d];
+        for (i, &id) in ids.iter().enumerate() {
+            full.dequantize_row(id as usize, &mut w[i * d..(i + 1) * d])?;
+        }
+        Ok((w, self.weights.norm.clone()))
+    }
+
+    /// The residual stream after the last layer, before the adapter and the final norm, for every token
+    /// fed (`tokens.len() x hidden`): a trainer's input. Feeds the cache like [`Model::forward`].
+    pub fn final_hidden(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let mut batch = [SeqInput {
+            cache,
+            tokens,
+            wanted: LogitsWanted::None,
+        }];
+        Ok(self.run_layers(&mut batch)?.unwrap_or_default())
     }
 
     /// The same model using only its first `n_layers` layers, then the final norm and LM head: a
@@ -148,6 +242,7 @@ impl Model {
             cfg,
             weights: Arc::clone(&self.weights),
             head: self.head.clone(),
+            adapter: self.adapter.clone(),
         })
     }
 
@@ -204,6 +299,7 @@ impl Model {
         Ok(Self {
             cfg: self.cfg.clone(),
             weights: Arc::clone(&self.weights),
+            adapter: self.adapter.clone(),
             head: Some(Arc::new(HeadSubset {
                 prefix,
                 extra,
@@ -257,6 +353,15 @@ impl Model {
 
     /// Feeds several sequences in one pass; returns, per sequence, its wanted logits row-major.
     pub fn forward_batch(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let Some(x) = self.run_layers(batch)? else {
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        };
+        self.head_rows(batch, &x)
+    }
+
+    /// Embeds every fed token and runs the layers, filling the caches; the residual stream of every
+    /// row (`None` when nothing was fed).
+    fn run_layers(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<f32>>, EngineError> {
         let cfg = &self.cfg;
         // Validate everything before touching any cache, so a bad input leaves every sequence intact.
         for s in batch.iter() {
@@ -289,7 +394,7 @@ impl Model {
             .collect();
         let m = rows.len();
         if m == 0 {
-            return Ok(batch.iter().map(|_| Vec::new()).collect());
+            return Ok(None);
         }
         for s in batch.iter_mut() {
             s.cache.reserve(s.tokens.len());
@@ -334,6 +439,13 @@ impl Model {
         for s in batch.iter_mut() {
             s.cache.commit(s.tokens.len());
         }
+        Ok(Some(x))
+    }
+
+    /// Logits of the rows that want them, from the residual stream `x` of every fed row.
+    fn head_rows(&self, batch: &[SeqInput<'_>], x: &[f32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let cfg = &self.cfg;
+        let d = cfg.hidden;
         // Logits only for the rows that want them.
         let mut want_rows = Vec::new();
         let mut start = 0;
@@ -349,9 +461,14 @@ impl Model {
             start += n;
         }
         let mut sel = vec![0f32; want_rows.len() * d];
+        let mut row = vec![0f32; d];
         for (i, &r) in want_rows.iter().enumerate() {
+            row.copy_from_slice(&x[r * d..(r + 1) * d]);
+            if let Some(a) = &self.adapter {
+                a.apply(&mut row);
+            }
             rms_norm(
-                &x[r * d..(r + 1) * d],
+                &row,
                 &self.weights.norm,
                 cfg.rms_eps,
                 &mut sel[i * d..(i + 1) * d],

@@ -1,0 +1,398 @@
+//! Distilling a self-drafter's early exit: training an [`ExitAdapter`] with real gradients.
+//!
+//! The self-drafter is the target's first N layers, its final norm and its (trimmed) LM head, all
+//! frozen and shared with the target; what is trained is a low-rank correction of the residual stream
+//! at the exit, `u = h + B (A h)` (Kangaroo's adapter, in its smallest form). Per position the forward
+//! is `logits = W rmsnorm(u)`, with `h` the frozen layers' output ([`Model::final_hidden`], computed by
+//! the engine's own kernels and held constant) and `W` the head's rows as f32. The loss is one of
+//! `specd_core::distill`'s against the target's captured top-w distribution; its gradient with respect to
+//! the logits is analytic, and candle's autograd carries it to `A` and `B` through the surrogate
+//! `sum(logits * g)` with `g` held constant, whose gradient is exactly the loss's. AdamW updates them.
+//!
+//! `B` starts at zero, so an untrained adapter is the plain self-drafter; the trained one is applied at
+//! serving time by [`Model::with_adapter`] with the same arithmetic.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use specd_core::{expected_acceptance, loss_and_grad, Loss, TopTarget};
+
+use crate::error::EngineError;
+use crate::model::{ExitAdapter, Model};
+
+/// One training position: the exit's hidden state and the target's distribution there.
+#[derive(Clone, Debug)]
+pub struct ExitSample {
+    /// The residual stream after the drafter's last layer (`hidden` values).
+    pub hidden: Vec<f32>,
+    /// The target's captured top-w distribution (token ids).
+    pub target: TopTarget,
+}
+
+/// Hyperparameters.
+#[derive(Clone, Copy, Debug)]
+pub struct ExitConfig {
+    pub rank: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub loss: Loss,
+}
+
+impl Default for ExitConfig {
+    fn default() -> Self {
+        Self {
+            rank: 16,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            loss: Loss::ForwardKl,
+        }
+    }
+}
+
+/// The adapter being trained, with the frozen head it trains through.
+pub struct ExitTrainer {
+    cfg: ExitConfig,
+    hidden: usize,
+    eps: f64,
+    a: Var,
+    b: Var,
+    opt: AdamW,
+    /// Head rows (`columns x hidden`) and the final norm, frozen.
+    head: Tensor,
+    norm: Tensor,
+    /// Token id of each logit column.
+    ids: Vec<u32>,
+    /// Column of each token id (`u32::MAX`: not in the head).
+    column: Vec<u32>,
+}
+
+fn candle(e: candle_core::Error) -> EngineError {
+    EngineError::Internal(format!("training: {e}"))
+}
+
+impl ExitTrainer {
+    /// A fresh adapter (A small and random, B zero) for the exit of `drafter`.
+    pub fn new(drafter: &Model, cfg: ExitConfig, seed: u64) -> Result<Self, EngineError> {
+        if cfg.rank == 0 {
+            return Err(EngineError::InvalidRequest(
+                "adapter rank must be at least 1".into(),
+            ));
+        }
+        let d = drafter.config().hidden;
+        let dev = Device::Cpu;
+        let (w, norm) = drafter.head_f32()?;
+        let columns = w.len() / d;
+        let ids: Vec<u32> = match drafter.logit_ids() {
+            Some(ids) => ids.to_vec(),
+            None => (0..columns as u32).collect(),
+        };
+        let vocab = drafter
+            .config()
+            .vocab
+            .max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
+        let mut column = vec![u32::MAX; vocab];
+        for (c, &id) in ids.iter().enumerate() {
+            column[id as usize] = c as u32;
+        }
+        // A deterministic small init for A (a scaled xorshift stream): B = 0 keeps the start exact.
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let scale = 1.0 / (d as f32).sqrt();
+        let a0: Vec<f32> = (0..cfg.rank * d)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a0, (cfg.rank, d), &dev).map_err(candle)?)
+            .map_err(candle)?;
+        let b = Var::zeros((d, cfg.rank), DType::F32, &dev).map_err(candle)?;
+        let opt = AdamW::new(
+            vec![a.clone(), b.clone()],
+            ParamsAdamW {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )
+        .map_err(candle)?;
+        Ok(Self {
+            cfg,
+            hidden: d,
+            eps: f64::from(drafter.config().rms_eps),
+            a,
+            b,
+            opt,
+            head: Tensor::from_vec(w, (columns, d), &dev).map_err(candle)?,
+            norm: Tensor::from_vec(norm, d, &dev).map_err(candle)?,
+            ids,
+            column,
+        })
+    }
+
+    /// Logits (`n x columns`) of the adapted exit for a batch of hidden states, as a graph.
+    fn logits(&self, hidden: &[&[f32]]) -> Result<Tensor, candle_core::Error> {
+        let n = hidden.len();
+        let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
+        let h = Tensor::from_vec(flat, (n, self.hidden), &Device::Cpu)?;
+        let u = (&h + h.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?)?;
+        let ms = u.sqr()?.mean_keepdim(1)?;
+        let normed = u.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        let normed = normed.broadcast_mul(&self.norm)?;
+        normed.matmul(&self.head.t()?)
+    }
+
+    /// The target's distribution in logit columns: ids the head lacks join the tail.
+    fn in_columns(&self, t: &TopTarget) -> Result<TopTarget, EngineError> {
+        let (mut ids, mut probs) = (Vec::new(), Vec::new());
+        for (&id, &p) in t.ids().iter().zip(t.probs()) {
+            match self.column.get(id as usize) {
+                Some(&c) if c != u32::MAX => {
+                    ids.push(c);
+                    probs.push(p);
+                }
+                _ => {}
+            }
+        }
+        if ids.is_empty() {
+            // None of the target's tokens is draftable: all of it is tail, against column 0's absence.
+            return TopTarget::new(vec![0], vec![0.0])
+                .map_err(|e| EngineError::Internal(e.to_string()));
+        }
+        TopTarget::new(ids, probs).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+
+    /// One optimizer step on `batch`; the mean loss before the step.
+    pub fn step(&mut self, batch: &[ExitSample]) -> Result<f64, EngineError> {
+        if batch.is_empty() {
+            return Ok(0.0);
+        }
+        let hidden: Vec<&[f32]> = batch.iter().map(|s| s.hidden.as_slice()).collect();
+        if let Some(h) = hidden.iter().find(|h| h.len() != self.hidden) {
+            return Err(EngineError::InvalidRequest(format!(
+                "a hidden state of {} values for a hidden size of {}",
+                h.len(),
+                self.hidden
+            )));
+        }
+        let logits = self.logits(&hidden).map_err(candle)?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(candle)?;
+        let n = batch.len();
+        let mut grads = Vec::with_capacity(n * self.ids.len());
+        let mut total = 0.0;
+        for (s, row) in batch.iter().zip(&rows) {
+            let t = self.in_columns(&s.target)?;
+            let (l, g) = loss_and_grad(self.cfg.loss, &t, row)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            total += l;
+            grads.extend(g.into_iter().map(|v| v / n as f32));
+        }
+        let g = Tensor::from_vec(grads, (n, self.ids.len()), &Device::Cpu).map_err(candle)?;
+        let surrogate = (logits * g).map_err(candle)?.sum_all().map_err(candle)?;
+        self.opt.backward_step(&surrogate).map_err(candle)?;
+        Ok(total / n as f64)
+    }
+
+    /// Mean expected acceptance (sum of min(p, q) over the captured ids) of the adapted exit.
+    pub fn expected_acceptance(&self, batch: &[ExitSample]) -> Result<f64, EngineError> {
+        if batch.is_empty() {
+            return Ok(0.0);
+        }
+        let hidden: Vec<&[f32]> = batch.iter().map(|s| s.hidden.as_slice()).collect();
+        let rows: Vec<Vec<f32>> = self
+            .logits(&hidden)
+            .and_then(|l| l.to_vec2())
+            .map_err(candle)?;
+        let mut sum = 0.0;
+        for (s, row) in batch.iter().zip(&rows) {
+            let t = self.in_columns(&s.target)?;
+            sum +=
+                expected_acceptance(&t, row).map_err(|e| EngineError::Internal(e.to_string()))?;
+        }
+        Ok(sum / batch.len() as f64)
+    }
+
+    /// The adapter as trained so far, for [`Model::with_adapter`].
+    pub fn adapter(&self) -> Result<ExitAdapter, EngineError> {
+        let a: Vec<f32> = self
+            .a
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(candle)?;
+        let b: Vec<f32> = self
+            .b
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(candle)?;
+        Ok(ExitAdapter {
+            rank: self.cfg.rank,
+            a,
+            b,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::model::LogitsWanted;
+    use crate::testing::{write_tiny_model, TinySpec};
+    use crate::{load_gguf, Family};
+
+    /// Positions of a narrow "traffic": variations (two tokens changed at random) of six fixed
+    /// sequences, as a service's queries share their domain. For each, the drafter's exit state and the
+    /// target's top-16 there.
+    fn samples(target: &Model, drafter: &Model, seqs: std::ops::Range<u64>) -> Vec<ExitSample> {
+        use rand::{Rng, SeedableRng};
+        let vocab = target.config().vocab as u32;
+        let templates: Vec<Vec<u32>> = (0..6u64)
+            .map(|t| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1_000_000 + t);
+                (0..24).map(|_| rng.random_range(0..vocab)).collect()
+            })
+            .collect();
+        let mut out = Vec::new();
+        for s in seqs {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
+            let mut tokens = templates[(s % 6) as usize].clone();
+            for _ in 0..2 {
+                let at = rng.random_range(0..tokens.len());
+                tokens[at] = rng.random_range(0..vocab);
+            }
+            let logits = target
+                .forward(&mut target.new_cache(), &tokens, LogitsWanted::All)
+                .unwrap();
+            let hidden = drafter
+                .final_hidden(&mut drafter.new_cache(), &tokens)
+                .unwrap();
+            let (v, d) = (target.config().vocab, drafter.config().hidden);
+            for j in 0..tokens.len() {
+                out.push(ExitSample {
+                    hidden: hidden[j * d..(j + 1) * d].to_vec(),
+                    target: TopTarget::from_logits(&logits[j * v..(j + 1) * v], 16).unwrap(),
+                });
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn distilling_the_exit_raises_held_out_acceptance_and_serving_applies_what_was_trained() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let mut spec = TinySpec::new(Family::Qwen2, 11);
+        spec.layers = 4;
+        spec.scale = 0.3;
+        write_tiny_model(&path, &spec).unwrap();
+        let target = load_gguf(&path).unwrap().model;
+        let drafter = target.truncated(1).unwrap();
+        let train = samples(&target, &drafter, 0..60);
+        let held_out = samples(&target, &drafter, 1000..1012);
+        let mut t = ExitTrainer::new(
+            &drafter,
+            ExitConfig {
+                rank: 8,
+                lr: 3e-3,
+                ..ExitConfig::default()
+            },
+            1,
+        )
+        .unwrap();
+        let before = t.expected_acceptance(&held_out).unwrap();
+        let train_before = t.expected_acceptance(&train).unwrap();
+        let first = t.step(&train[..64]).unwrap();
+        let mut last = first;
+        for epoch in 0..10 {
+            for chunk in train.chunks(64) {
+                last = t.step(chunk).unwrap();
+            }
+            let _ = epoch;
+        }
+        let after = t.expected_acceptance(&held_out).unwrap();
+        let train_after = t.expected_acceptance(&train).unwrap();
+        println!("held-out expected acceptance {before:.4} -> {after:.4}, train {train_before:.4} -> {train_after:.4}, loss {first:.4} -> {last:.4}");
+        assert!(last < first, "training loss {first} -> {last}");
+        assert!(
+            after > before + 0.02,
+            "held-out acceptance {before} -> {after}"
+        );
+
+        // Serving: the drafter with the trained adapter computes the logits the trainer trained.
+        let served = drafter.with_adapter(Some(t.adapter().unwrap())).unwrap();
+        let tokens: Vec<u32> = (0..10u32).map(|i| (i * 37 + 5) % 200).collect();
+        let got = served
+            .forward(&mut served.new_cache(), &tokens, LogitsWanted::Last)
+            .unwrap();
+        let hidden = drafter
+            .final_hidden(&mut drafter.new_cache(), &tokens)
+            .unwrap();
+        let d = drafter.config().hidden;
+        let want: Vec<f32> = t
+            .logits(&[&hidden[(tokens.len() - 1) * d..]])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        // The served head runs the quantized kernel on a quantized activation row, the trainer the f32
+        // dequantized head: the same distribution up to that quantization.
+        let softmax = |z: &[f32]| {
+            let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f64> = z.iter().map(|&v| f64::from(v - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.into_iter().map(move |v| v / s).collect::<Vec<f64>>()
+        };
+        let tv: f64 = softmax(&got)
+            .iter()
+            .zip(softmax(&want))
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f64>()
+            / 2.0;
+        assert!(
+            tv < 0.02,
+            "served and trained distributions differ: total variation {tv}"
+        );
+        // Batch invariance holds with the adapter: the last row of an all-rows forward is bitwise the
+        // last-row forward.
+        let all = served
+            .forward(&mut served.new_cache(), &tokens, LogitsWanted::All)
+            .unwrap();
+        assert_eq!(&all[all.len() - got.len()..], &got[..]);
+        // An untrained adapter (B = 0) changes nothing.
+        let fresh = ExitTrainer::new(&drafter, ExitConfig::default(), 2).unwrap();
+        let plain = drafter
+            .forward(&mut drafter.new_cache(), &tokens, LogitsWanted::Last)
+            .unwrap();
+        let same = drafter
+            .with_adapter(Some(fresh.adapter().unwrap()))
+            .unwrap()
+            .forward(&mut drafter.new_cache(), &tokens, LogitsWanted::Last)
+            .unwrap();
+        assert_eq!(plain, same);
+    }
+
+    #[test]
+    fn bad_adapters_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_model(&path, &TinySpec::new(Family::Qwen2, 3)).unwrap();
+        let m = load_gguf(&path).unwrap().model;
+        let d = m.config().hidden;
+        let bad = ExitAdapter {
+            rank: 2,
+            a: vec![0.0; 2 * d],
+            b: vec![0.0; d],
+        };
+        assert!(m.with_adapter(Some(bad)).is_err());
+        let nan = ExitAdapter {
+            rank: 1,
+            a: vec![f32::NAN; d],
+            b: vec![0.0; d],
+        };
+        assert!(m.with_adapter(Some(nan)).is_err());
+    }
+}
