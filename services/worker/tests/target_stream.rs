@@ -203,6 +203,32 @@ impl specd_proto::internal::v1::trainer_server::Trainer for MockTrainer {
     }
 }
 
+/// Opens a Verify stream whose sequence allows samples; its request sender and answers, after Opened.
+async fn open_allowing_samples(
+    addr: &str,
+    prompt: Vec<u32>,
+) -> (
+    mpsc::Sender<pb::VerifyRequest>,
+    tonic::Streaming<pb::VerifyResponse>,
+) {
+    let mut client = TargetClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(2);
+    let mut o = open(prompt, false);
+    if let Some(pb::verify_request::Msg::Open(open)) = o.msg.as_mut() {
+        open.emit_samples = true;
+    }
+    tx.send(o).await.expect("send");
+    let mut answers = client
+        .verify(ReceiverStream::new(rx))
+        .await
+        .expect("verify")
+        .into_inner();
+    answers.message().await.expect("ok").expect("opened");
+    (tx, answers)
+}
+
 fn step(keep: usize, append: Vec<u32>, drafts: Vec<u32>, kind: &str) -> pb::VerifyRequest {
     pb::VerifyRequest {
         msg: Some(pb::verify_request::Msg::Step(pb::verify_request::Step {
@@ -282,21 +308,7 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
     }
     let wrong = (seq[n + 2] + 1) % 200;
 
-    let mut client = TargetClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(2);
-    let mut o = open(prompt.clone(), false);
-    if let Some(pb::verify_request::Msg::Open(open)) = o.msg.as_mut() {
-        open.emit_samples = true;
-    }
-    tx.send(o).await.expect("send");
-    let mut answers = client
-        .verify(ReceiverStream::new(rx))
-        .await
-        .expect("verify")
-        .into_inner();
-    answers.message().await.expect("ok").expect("opened");
+    let (tx, mut answers) = open_allowing_samples(&addr, prompt.clone()).await;
     // Two drafts accepted, the third rejected (the target answers seq[n + 2]).
     tx.send(step(n, vec![], vec![seq[n], seq[n + 1], wrong], "model"))
         .await
@@ -365,21 +377,7 @@ async fn without_a_trainer_nothing_is_captured_and_serving_goes_on() {
         specd_service::Shutdown::new(),
     ));
     let (svc, addr, _dir) = serve_with(BatchLimits::default(), Some(sink)).await;
-    let mut client = TargetClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(2);
-    let mut o = open(vec![1, 2, 3], false);
-    if let Some(pb::verify_request::Msg::Open(open)) = o.msg.as_mut() {
-        open.emit_samples = true;
-    }
-    tx.send(o).await.expect("send");
-    let mut answers = client
-        .verify(ReceiverStream::new(rx))
-        .await
-        .expect("verify")
-        .into_inner();
-    answers.message().await.expect("ok").expect("opened");
+    let (tx, mut answers) = open_allowing_samples(&addr, vec![1, 2, 3]).await;
     tx.send(step(3, vec![], vec![7, 8], "ngram"))
         .await
         .expect("send");
