@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use specd_coord::{EtcdConfig, InstanceRecord, Role, Store};
+use specd_engine::exit_train::ExitConfig;
 use specd_engine::preset::{default_self_layers, trim_draft_head, Preset};
 use specd_engine::{load_gguf, LoadedModel};
 use specd_proto::internal::v1::drafter_server::DrafterServer;
@@ -23,7 +24,9 @@ use specd_service::grpc::{Keepalive, MAX_MESSAGE_BYTES};
 use specd_service::telemetry::{LogFormat, TelemetryConfig};
 use specd_service::{Drain, Shutdown};
 use specd_trainer::buffer::BufferConfig;
+use specd_trainer::idle::IdleGate;
 use specd_trainer::service::{TrainerConfig, TrainerService};
+use specd_trainer::train::TrainConfig;
 use specd_worker::drafter::{DrafterModels, DrafterService};
 use specd_worker::samples::{run_sender, SampleConfig, SampleSink};
 use specd_worker::target::{
@@ -115,24 +118,83 @@ impl SampleArgs {
     }
 }
 
-/// The replay buffer's bounds.
+/// The trainer's replay buffer and distillation loop.
 #[derive(Debug, Clone, Args)]
-pub struct BufferArgs {
+pub struct TrainArgs {
     /// Most training positions kept per drafter kind (oldest samples go first).
     #[arg(long, env = "SPECD_BUFFER_POSITIONS", default_value_t = 200_000)]
     pub buffer_positions: usize,
     /// One sample in this many is held out for evaluation.
     #[arg(long, env = "SPECD_EVAL_EVERY", default_value_t = 10)]
     pub eval_every: u64,
+    /// Target layers of the self-drafter whose exit adapter is trained (default: the preset's).
+    #[arg(long, env = "SPECD_TRAIN_LAYERS")]
+    pub train_layers: Option<usize>,
+    /// Rank of the exit adapter.
+    #[arg(long, env = "SPECD_TRAIN_RANK", default_value_t = 16)]
+    pub train_rank: usize,
+    /// AdamW learning rate.
+    #[arg(long, env = "SPECD_TRAIN_LR", default_value_t = 1e-3)]
+    pub train_lr: f64,
+    /// Distillation loss: fkl, rkl, jsd, jsd:BETA or tv.
+    #[arg(long, env = "SPECD_TRAIN_LOSS", default_value = "fkl")]
+    pub train_loss: String,
+    /// Positions learned from: rejected (where the target corrected the draft; OSD's default) or all.
+    #[arg(long, env = "SPECD_TRAIN_POSITIONS", default_value = "rejected")]
+    pub train_positions: String,
+    /// Training steps start only while requests in flight plus waiting, over all routers, are at most
+    /// this.
+    #[arg(long, env = "SPECD_TRAIN_MAX_LOAD", default_value_t = 0)]
+    pub train_max_load: u32,
 }
 
-impl BufferArgs {
-    fn config(&self) -> BufferConfig {
+impl TrainArgs {
+    fn buffer(&self) -> BufferConfig {
         BufferConfig {
             max_positions: self.buffer_positions.max(1),
             max_held_out: (self.buffer_positions / 10).max(1),
             eval_every: self.eval_every,
         }
+    }
+
+    fn train(&self) -> anyhow::Result<TrainConfig> {
+        let loss = specd_core::Loss::parse(&self.train_loss)
+            .map_err(|e| anyhow::anyhow!("--train-loss: {e}"))?;
+        let mask = match self.train_positions.as_str() {
+            "rejected" => specd_core::PositionMask::Rejected,
+            "all" => specd_core::PositionMask::All,
+            other => bail!("--train-positions must be rejected or all, got {other:?}"),
+        };
+        if self.train_rank == 0 || !(self.train_lr > 0.0 && self.train_lr.is_finite()) {
+            bail!("--train-rank must be at least 1 and --train-lr positive");
+        }
+        Ok(TrainConfig {
+            exit: ExitConfig {
+                rank: self.train_rank,
+                lr: self.train_lr,
+                loss,
+                ..ExitConfig::default()
+            },
+            mask,
+            ..TrainConfig::default()
+        })
+    }
+
+    /// The self-drafter of `target` whose exit is trained (the same trimmed head it drafts with).
+    fn drafter(
+        &self,
+        target: &LoadedModel,
+        margs: &ModelArgs,
+    ) -> anyhow::Result<specd_engine::Model> {
+        let layers = self
+            .train_layers
+            .unwrap_or_else(|| default_self_layers(target.model.config().layers));
+        let cut = target.model.truncated(layers)?;
+        Ok(trim_draft_head(
+            &cut,
+            target.tokenizer.stop_ids(),
+            margs.draft_vocab,
+        )?)
     }
 }
 
@@ -149,7 +211,7 @@ pub struct TrainerArgs {
     #[arg(long, env = "SPECD_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
-    pub buffer: BufferArgs,
+    pub train: TrainArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -258,12 +320,13 @@ pub struct UpArgs {
     pub capacity: u32,
     #[command(flatten)]
     pub samples: SampleArgs,
-    /// Also run a trainer (it collects the target's distillation samples; it does not train yet, so
-    /// it is off by default: capturing costs the target some time per captured step).
+    /// Also run a trainer (it collects the target's distillation samples and distills the
+    /// self-drafter's exit on idle capacity; nothing is published to drafters yet, so it is off by
+    /// default: capturing costs the target some time per captured step).
     #[arg(long, env = "SPECD_TRAINER")]
     pub trainer: bool,
     #[command(flatten)]
-    pub buffer: BufferArgs,
+    pub train: TrainArgs,
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -330,22 +393,39 @@ pub(crate) fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)>
     Ok((preset, path))
 }
 
-/// Serves a trainer for `model` (vocabulary `vocab`) and campaigns for its election until `shutdown`.
+/// Serves a trainer for `target` (its id `model`), campaigns for its election and runs the distillation
+/// loop on `drafter` until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start_trainer(
     model: String,
     vocab: usize,
+    drafter: specd_engine::Model,
     args: &ServiceArgs,
     addr: SocketAddr,
-    buffer: BufferConfig,
+    train: &TrainArgs,
     store: Store,
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
     let svc = TrainerService::new(TrainerConfig {
         model: model.clone(),
         vocab,
-        buffer,
+        buffer: train.buffer(),
     });
     let leader = svc.leader_flag();
+    let gate = IdleGate::follow(store.clone(), train.train_max_load, shutdown.clone())
+        .await
+        .context("following the routers' load")?;
+    specd_trainer::train::spawn(
+        drafter,
+        train.train()?,
+        specd_trainer::train::Shared {
+            buffer: svc.buffer_handle(),
+            status: svc.training_handle(),
+            leader: svc.leader_flag(),
+        },
+        gate,
+        shutdown.clone(),
+    )?;
     let router = specd_service::grpc::server(args.keepalive()).add_service(
         TrainerServer::new(svc)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -386,21 +466,16 @@ pub fn run_trainer(args: TrainerArgs) -> anyhow::Result<()> {
         false,
         |store, shutdown| async move {
             let (_, path) = target_file(&a.model)?;
-            // Only the target's metadata: its id and vocabulary, to check samples.
-            let meta = specd_tokenizer::GgufMeta::open(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            // The model's vocabulary is its embedding's row count (ggml dims: innermost first).
-            let vocab = meta
-                .tensor("token_embd.weight")
-                .and_then(|t| t.dims.get(1).copied())
-                .with_context(|| format!("{} has no token_embd.weight", path.display()))?
-                as usize;
+            // The target's first layers are the self-drafter whose exit is distilled.
+            let target = load_gguf(&path)?;
+            let drafter = a.train.drafter(&target, &a.model)?;
             let running = start_trainer(
                 model_id(&path),
-                vocab,
+                target.model.config().vocab,
+                drafter,
                 &a.service,
                 a.grpc_addr,
-                a.buffer.config(),
+                &a.train,
                 store,
                 shutdown,
             )
@@ -903,9 +978,10 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                     start_trainer(
                         model_id(&path),
                         target.model.config().vocab,
+                        args.train.drafter(&target, &args.model)?,
                         &svc_args,
                         loopback,
-                        args.buffer.config(),
+                        &args.train,
                         store.clone(),
                         workers.clone(),
                     )

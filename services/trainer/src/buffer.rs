@@ -31,6 +31,8 @@ pub struct Sample {
     pub context: Arc<[u32]>,
     pub positions: Vec<Position>,
     pub drafter_version: String,
+    /// Order of arrival on its shelf, from 1 (0 until filed): the training loop trains on what is new.
+    pub seq: u64,
 }
 
 /// Why a sample was refused.
@@ -115,6 +117,7 @@ pub fn validate(s: pb::DistillSample, model: &str, vocab: usize) -> Result<Sampl
         context: s.context_ids.into(),
         positions,
         drafter_version: s.drafter_version,
+        seq: 0,
     })
 }
 
@@ -139,6 +142,16 @@ impl Shelf {
     /// Held-out samples, newest first.
     pub fn held_out(&self) -> impl Iterator<Item = &Arc<Sample>> {
         self.held_out.iter()
+    }
+
+    /// Training samples that arrived after `seq`, newest first, at most `max`.
+    pub fn newer_than(&self, seq: u64, max: usize) -> Vec<Arc<Sample>> {
+        self.train
+            .iter()
+            .take_while(|s| s.seq > seq)
+            .take(max)
+            .cloned()
+            .collect()
     }
 
     /// Positions held for training and for evaluation.
@@ -189,10 +202,11 @@ impl ReplayBuffer {
     }
 
     /// Adds a validated sample for `kind`, evicting the oldest samples past the bounds.
-    pub fn add(&mut self, kind: &str, sample: Sample) {
+    pub fn add(&mut self, kind: &str, mut sample: Sample) {
         let cfg = self.cfg;
         let shelf = self.shelves.entry(kind.to_string()).or_default();
         shelf.added += 1;
+        sample.seq = shelf.added;
         let n = sample.positions.len();
         let held = cfg.eval_every > 0 && shelf.added % cfg.eval_every == 0;
         let (deque, count, max) = if held {

@@ -7,12 +7,14 @@
 //!   cannot take; `Status`; `FetchWeights`, which serves nothing until a version is published), and
 //!   [`service::lead`], one leader per drafter model through the coordination store's election: target
 //!   workers stream their samples to the leader, a standby takes over when the leader's lease goes.
+//! - [`train`]: the distillation loop, on a thread of its own: the self-drafter's exit adapter trained on
+//!   new samples while this trainer leads and the cluster is idle, with held-out acceptance reported.
 //!
-//! Not here yet (issue 9's remaining work): the distillation loop (gated by [`idle`]) over the engine's
-//! trainable exit adapter (`specd_engine::exit_train`),
-//! the evaluation gate, publishing and hot swap. The losses they will use are `specd_core::distill`.
+//! Not here yet (issue 9's remaining work): the evaluation gate, publishing and hot swap, a LoRA drafter
+//! for separate draft models, per-domain shelves.
 //! Serving, registration and drain come from the binary (`specd trainer`, `specd up`).
 
 pub mod buffer;
 pub mod idle;
 pub mod service;
+pub mod train;

@@ -24,6 +24,19 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::buffer::{validate, BufferConfig, ReplayBuffer};
 
+/// What the training loop last reported.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainingStatus {
+    pub steps: u64,
+    pub last_loss: f64,
+    /// Held-out expected acceptance of the drafter as served (no adapter: nothing is published yet).
+    pub acceptance_live: f64,
+    /// Held-out expected acceptance of the adapter being trained.
+    pub acceptance_candidate: f64,
+    /// Steps skipped because the cluster was busy.
+    pub yielded: u64,
+}
+
 /// What the trainer trains for.
 #[derive(Clone, Debug)]
 pub struct TrainerConfig {
@@ -42,7 +55,9 @@ pub struct TrainerService {
 
 struct Inner {
     cfg: TrainerConfig,
-    buffer: Mutex<ReplayBuffer>,
+    buffer: Arc<Mutex<ReplayBuffer>>,
+    /// What the training loop reports (steps, loss, gate figures).
+    training: Arc<Mutex<TrainingStatus>>,
     leader: Arc<AtomicBool>,
     accepted: AtomicU64,
     dropped: AtomicU64,
@@ -52,7 +67,8 @@ impl TrainerService {
     pub fn new(cfg: TrainerConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                buffer: Mutex::new(ReplayBuffer::new(cfg.buffer)),
+                buffer: Arc::new(Mutex::new(ReplayBuffer::new(cfg.buffer))),
+                training: Arc::default(),
                 cfg,
                 leader: Arc::new(AtomicBool::new(false)),
                 accepted: AtomicU64::new(0),
@@ -68,6 +84,21 @@ impl TrainerService {
 
     fn buffer(&self) -> MutexGuard<'_, ReplayBuffer> {
         self.inner.buffer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The replay buffer, shared with the training loop.
+    pub fn buffer_handle(&self) -> Arc<Mutex<ReplayBuffer>> {
+        Arc::clone(&self.inner.buffer)
+    }
+
+    /// Where the training loop reports, shared with `Status`.
+    pub fn training_handle(&self) -> Arc<Mutex<TrainingStatus>> {
+        Arc::clone(&self.inner.training)
+    }
+
+    /// Files a sample as if it had arrived over `SubmitSamples`; whether it was kept.
+    pub fn submit(&self, s: pb::DistillSample) -> bool {
+        self.take(s)
     }
 
     /// Positions in the replay buffer.
@@ -147,14 +178,20 @@ impl Trainer for TrainerService {
         &self,
         _: Request<pb::TrainerStatusRequest>,
     ) -> Result<Response<pb::TrainerStatus>, Status> {
+        let t = self
+            .inner
+            .training
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Ok(Response::new(pb::TrainerStatus {
             leader: self.inner.leader.load(Ordering::Relaxed),
             live_version: String::new(),
             buffered_samples: self.buffer().samples() as u64,
-            steps: 0,
-            last_loss: 0.0,
-            gate_acceptance_live: 0.0,
-            gate_acceptance_candidate: 0.0,
+            steps: t.steps,
+            last_loss: t.last_loss,
+            gate_acceptance_live: t.acceptance_live,
+            gate_acceptance_candidate: t.acceptance_candidate,
         }))
     }
 }
