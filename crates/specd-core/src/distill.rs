@@ -124,6 +124,11 @@ impl TopTarget {
         &self.ids
     }
 
+    /// The ids, the probabilities and the tail mass, by value.
+    pub fn into_parts(self) -> (Vec<u32>, Vec<f32>, f64) {
+        (self.ids, self.probs, self.tail)
+    }
+
     pub fn probs(&self) -> &[f32] {
         &self.probs
     }

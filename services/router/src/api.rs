@@ -205,7 +205,7 @@ impl Generation for GenerationService {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let metadata = request.metadata().clone();
+        let deadline = deadline_of(request.metadata());
         let r = request.into_inner();
         let model = &self.router.model;
         if !(r.model.is_empty() || r.model == model.id || model.aliases.contains(&r.model)) {
@@ -227,7 +227,7 @@ impl Generation for GenerationService {
             .drain
             .enter()
             .ok_or_else(|| Status::unavailable("router is draining"))?;
-        let _slot = self.router.admission.admit(deadline_of(&metadata)).await?;
+        let _slot = self.router.admission.admit(deadline).await?;
         let tok = std::sync::Arc::clone(&model.tokenizer);
         let ids = tokio::task::spawn_blocking(move || tok.encode(&r.text, r.add_special_tokens))
             .await

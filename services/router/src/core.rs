@@ -525,9 +525,15 @@ impl Sink for TextSink {
         self.first_at.get_or_insert_with(Instant::now);
         let mut text = String::new();
         let mut taken = 0;
-        for &t in tokens {
-            match self.output.push(&[t]) {
-                Ok(piece) => text.push_str(&piece),
+        // Without stop strings nothing can end the output mid-batch: one push for all of it.
+        let pieces: Vec<&[u32]> = if self.output.has_stops() {
+            tokens.chunks(1).collect()
+        } else {
+            vec![tokens]
+        };
+        for piece in pieces {
+            match self.output.push(piece) {
+                Ok(t) => text.push_str(&t),
                 Err(e) => {
                     self.error = Some(e);
                     return Pushed {
@@ -536,7 +542,7 @@ impl Sink for TextSink {
                     };
                 }
             }
-            taken += 1;
+            taken += piece.len();
             if self.output.stopped() {
                 break;
             }

@@ -28,6 +28,11 @@ impl Output {
         }
     }
 
+    /// Whether any stop string was asked for.
+    pub fn has_stops(&self) -> bool {
+        !self.stops.is_empty()
+    }
+
     /// Whether a stop string was hit.
     pub fn stopped(&self) -> bool {
         self.stopped

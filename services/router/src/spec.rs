@@ -337,14 +337,13 @@ pub async fn run(
         } else {
             sink.push(&emitted)
         };
-        let stopped_in_text = pushed.taken < emitted.len();
         emitted.truncate(pushed.taken);
         history.extend_from_slice(&emitted);
         out.extend_from_slice(&emitted);
         let overhead = (step_start.elapsed().as_secs_f64() * 1000.0 - worker_ms).max(0.0);
         stats.overhead_ms.push(overhead);
         metrics::histogram!("specd_router_step_overhead_seconds").record(overhead / 1000.0);
-        if stop_at.is_some() || stopped_in_text {
+        if stop_at.is_some() {
             break Finish::Stop;
         }
         if !pushed.go_on {

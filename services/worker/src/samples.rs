@@ -126,19 +126,19 @@ impl SampleSink {
                 self.stats.drop_one("bad_logits");
                 continue;
             };
+            let (ids, probs, tail) = t.into_parts();
             cap.positions.push((context_len + j) as u32);
-            cap.tail.push(t.tail() as f32);
-            cap.target.push(pb::SparseDist {
-                ids: t.ids().to_vec(),
-                probs: t.probs().to_vec(),
-            });
+            cap.tail.push(tail as f32);
+            cap.target.push(pb::SparseDist { ids, probs });
             let drafted = j < drafts.len();
             cap.drafted.push(drafted);
             cap.draft_ids.push(if drafted { drafts[j] } else { 0 });
             cap.rejected.push(drafted && j == accepted);
         }
-        cap.kind = kind.to_string();
-        cap.version = version.to_string();
+        if cap.kind != kind || cap.version != version {
+            cap.kind = kind.to_string();
+            cap.version = version.to_string();
+        }
         if cap.positions.len() >= self.cfg.flush_positions.max(1) {
             self.flush(cap, tokens);
         }
@@ -149,10 +149,11 @@ impl SampleSink {
     /// Hands what `cap` holds over to the sender as one sample over `tokens` (the sequence's tokens,
     /// at least as long as the last position), never waiting.
     pub fn flush(&self, cap: &mut Capture, tokens: &[u32]) {
-        if cap.positions.is_empty() {
+        // Positions are recorded in ascending order: the last is the longest prefix.
+        let Some(&last) = cap.positions.last() else {
             return;
-        }
-        let max = cap.positions.iter().copied().max().unwrap_or(0) as usize;
+        };
+        let max = last as usize;
         let sample = pb::DistillSample {
             model: self.model.clone(),
             drafter_kind: std::mem::take(&mut cap.kind),

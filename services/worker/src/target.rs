@@ -132,7 +132,9 @@ enum Job {
 /// What the engine thread counts for the service to read.
 #[derive(Clone, Default)]
 struct EngineCounters {
+    /// Prompt tokens prefilled since start.
     prefilled: Arc<AtomicU64>,
+    /// Sequences whose cache the engine holds (open or being prefilled), updated after every batch.
     held: Arc<AtomicU64>,
 }
 
@@ -146,10 +148,7 @@ struct Engine {
     prefilling: VecDeque<Prefill>,
     /// Forward time against rows fed, for the cost of a draft row at the current batch size.
     row_costs: RowCostModel,
-    /// Prompt tokens prefilled since start (shared with the service, for tests and metrics).
-    prefilled: Arc<AtomicU64>,
-    /// Sequences whose cache the engine holds (open or being prefilled), updated after every batch.
-    held: Arc<AtomicU64>,
+    counters: EngineCounters,
     /// Where captured distillation samples go; `None`: capture off.
     samples: Option<SampleSink>,
 }
@@ -163,8 +162,7 @@ impl Engine {
     ) -> Self {
         Self {
             samples,
-            prefilled: counters.prefilled,
-            held: counters.held,
+            counters,
             model,
             seqs: HashMap::new(),
             max_batch_tokens: limits.max_batch_tokens.max(1),
@@ -198,7 +196,7 @@ impl Engine {
                 cmds.push(c);
             }
             self.batch(cmds);
-            self.held.store(
+            self.counters.held.store(
                 (self.seqs.len() + self.prefilling.len()) as u64,
                 Ordering::Relaxed,
             );
@@ -263,14 +261,21 @@ impl Engine {
                         reply,
                     });
                 }
-                Cmd::Step { seq, step, reply } => {
+                Cmd::Step {
+                    seq,
+                    mut step,
+                    reply,
+                } => {
                     let Some(mut s) = self.seqs.remove(&seq) else {
                         let _ = reply.send(Err(Status::failed_precondition(
                             "step on a sequence that is not open",
                         )));
                         continue;
                     };
-                    let drafter = (step.drafter_kind.clone(), step.drafter_version.clone());
+                    let drafter = (
+                        std::mem::take(&mut step.drafter_kind),
+                        std::mem::take(&mut step.drafter_version),
+                    );
                     match prepare_step(&mut s, step, cfg.vocab, cfg.context) {
                         Ok((feed, drafts, q, width)) => work.push(Work {
                             id: seq,
@@ -394,7 +399,8 @@ impl Engine {
             } = w;
             match job {
                 Job::Prefill(progress, reply) => {
-                    self.prefilled
+                    self.counters
+                        .prefilled
                         .fetch_add(feed.len() as u64, Ordering::Relaxed);
                     metrics::counter!("specd_prefill_tokens_total").increment(feed.len() as u64);
                     progress.send_replace(seq.cache.len() as u32);
