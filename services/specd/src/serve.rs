@@ -90,7 +90,7 @@ impl ServiceArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SampleArgs {
     /// Fraction of sequences whose verified positions are captured for the trainer (0: off). Nothing
-    /// is captured while no trainer is registered.
+    /// is captured while no trainer leads the model's election.
     #[arg(long, env = "SPECD_SAMPLE_RATE", default_value_t = 0.1)]
     pub sample_rate: f64,
     /// Target tokens kept per captured position (top-w, plus the tail mass).
