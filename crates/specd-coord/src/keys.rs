@@ -52,9 +52,31 @@ pub fn drafters() -> String {
     format!("{PREFIX}drafters/")
 }
 
-/// `/specd/v1/drafters/{model}/current`: the live drafter version of a model (a pointer, never weights).
-pub fn drafter_current(model: &str) -> String {
-    format!("{PREFIX}drafters/{}/current", segment(model))
+/// `/specd/v1/drafters/{model}/{kind}/`: everything about one trainable drafter of a model.
+pub fn drafter(model: &str, kind: &str) -> String {
+    format!("{PREFIX}drafters/{}/{}/", segment(model), segment(kind))
+}
+
+/// `/specd/v1/drafters/{model}/{kind}/current`: the live version of a drafter (a pointer, never
+/// weights). Written by the leading trainer only, by compare-and-swap.
+pub fn drafter_current(model: &str, kind: &str) -> String {
+    format!("{}current", drafter(model, kind))
+}
+
+/// `/specd/v1/drafters/{model}/{kind}/versions/{version}`: every version ever published, with its
+/// lineage and gate figures (zero-padded so that keys sort by version).
+pub fn drafter_version(model: &str, kind: &str, version: u64) -> String {
+    format!("{}versions/{version:020}", drafter(model, kind))
+}
+
+/// `/specd/v1/drafters/{model}/{kind}/bad/{version}/{reporter}`: a drafter worker's report that a
+/// version's weights did not verify or load.
+pub fn drafter_bad(model: &str, kind: &str, version: u64, reporter: &str) -> String {
+    format!(
+        "{}bad/{version:020}/{}",
+        drafter(model, kind),
+        segment(reporter)
+    )
 }
 
 /// Prefix of all router load reports.
@@ -85,18 +107,27 @@ mod tests {
         );
         assert_eq!(instances_of(Role::Target), "/specd/v1/instances/target/");
         assert_eq!(
-            drafter_current("smollm"),
-            "/specd/v1/drafters/smollm/current"
+            drafter_current("smollm", "self"),
+            "/specd/v1/drafters/smollm/self/current"
+        );
+        assert_eq!(
+            drafter_version("smollm", "self", 3),
+            "/specd/v1/drafters/smollm/self/versions/00000000000000000003"
+        );
+        assert_eq!(
+            drafter_bad("smollm", "self", 3, "d/1"),
+            "/specd/v1/drafters/smollm/self/bad/00000000000000000003/d%2F1"
         );
         assert_eq!(load("r0"), "/specd/v1/load/r0");
         assert_eq!(trainer_election("qwen"), "/specd/v1/election/trainer/qwen");
         assert_eq!(
-            drafter_current("Qwen/Coder"),
-            "/specd/v1/drafters/Qwen%2FCoder/current"
+            drafter_current("Qwen/Coder", "self"),
+            "/specd/v1/drafters/Qwen%2FCoder/self/current"
         );
         assert!(instance(Role::Router, "x").starts_with(&instances()));
         assert!(load("x").starts_with(&loads()));
-        assert!(drafter_current("x").starts_with(&drafters()));
+        assert!(drafter_current("x", "self").starts_with(&drafter("x", "self")));
+        assert!(drafter("x", "self").starts_with(&drafters()));
     }
 
     #[test]

@@ -108,26 +108,78 @@ impl Record for InstanceRecord {
     }
 }
 
-/// The live drafter of a model, under `/specd/v1/drafters/{model}/current`: where to fetch it and how to
-/// check it, never the weights themselves.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A published drafter version: where to fetch its weights and how to check them, its lineage and the
+/// gate figures that let it out; never the weights themselves. Stored under
+/// `/specd/v1/drafters/{model}/{kind}/versions/{version}` (history) and, while live, as
+/// `.../current`. Version 0 is the drafter as loaded, with no trained weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DrafterVersion {
     pub model: String,
-    /// Drafter kind (`model`, `adapter`, ...).
+    /// Drafter kind (`self`, `model`, ...).
     pub kind: String,
-    /// Monotonic per model.
+    /// Monotonic per (model, kind); 0: no trained weights.
     pub version: u64,
-    /// Hex sha256 of the weight file.
+    /// Hex sha256 of the weight file (empty for version 0).
     pub sha256: String,
-    /// Where the trainer serves the file.
+    /// Size of the weight file in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// The trainer's gRPC address that serves the file (`Trainer.FetchWeights`).
     pub url: String,
+    /// Target layers of the self-drafter the weights were trained for (0: not stated).
+    #[serde(default)]
+    pub layers: u64,
+    /// Version it was trained from.
+    #[serde(default)]
+    pub parent: Option<u64>,
+    /// Held-out expected acceptance of the version live when this one was gated, and of this one.
+    #[serde(default)]
+    pub gate_live: f64,
+    #[serde(default)]
+    pub gate_candidate: f64,
+    /// Held-out positions the gate evaluated.
+    #[serde(default)]
+    pub gate_positions: u64,
     /// Unix milliseconds.
     pub published_at: u64,
+    /// Set on a `current` record that a rollback wrote: the version it replaced, and why.
+    #[serde(default)]
+    pub rolled_back_from: Option<u64>,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl DrafterVersion {
+    /// The version on the wire (`drafter_version` fields): its number in decimal.
+    pub fn tag(&self) -> String {
+        self.version.to_string()
+    }
 }
 
 impl Record for DrafterVersion {
     fn key(&self) -> String {
-        keys::drafter_current(&self.model)
+        keys::drafter_current(&self.model, &self.kind)
+    }
+}
+
+/// A drafter worker's report that a version's weights were refused (hash mismatch, truncated, do not
+/// load), under `/specd/v1/drafters/{model}/{kind}/bad/{version}/{reporter}`. The trainer rolls back a
+/// live version that is reported bad.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadVersion {
+    pub model: String,
+    pub kind: String,
+    pub version: u64,
+    /// Instance id of the reporting drafter worker.
+    pub reporter: String,
+    pub reason: String,
+    /// Unix milliseconds.
+    pub at: u64,
+}
+
+impl Record for BadVersion {
+    fn key(&self) -> String {
+        keys::drafter_bad(&self.model, &self.kind, self.version, &self.reporter)
     }
 }
 

@@ -130,6 +130,31 @@ impl ExitTrainer {
         })
     }
 
+    /// Training that goes on from `adapter` (a published version): same parameters, fresh optimizer
+    /// state. Its rank is the adapter's.
+    pub fn resume(
+        drafter: &Model,
+        cfg: ExitConfig,
+        adapter: &ExitAdapter,
+    ) -> Result<Self, EngineError> {
+        let d = drafter.config().hidden;
+        adapter.check(d)?;
+        let t = Self::new(
+            drafter,
+            ExitConfig {
+                rank: adapter.rank,
+                ..cfg
+            },
+            1,
+        )?;
+        let dev = Device::Cpu;
+        t.a.set(&Tensor::from_vec(adapter.a.clone(), (adapter.rank, d), &dev).map_err(candle)?)
+            .map_err(candle)?;
+        t.b.set(&Tensor::from_vec(adapter.b.clone(), (d, adapter.rank), &dev).map_err(candle)?)
+            .map_err(candle)?;
+        Ok(t)
+    }
+
     /// Logits (`n x columns`) of the adapted exit for a batch of hidden states, as a graph.
     fn logits(&self, hidden: &[&[f32]]) -> Result<Tensor, candle_core::Error> {
         let n = hidden.len();
@@ -319,6 +344,12 @@ mod tests {
             after > before + 0.02,
             "held-out acceptance {before} -> {after}"
         );
+
+        // A published version read back from its file resumes exactly where training left it.
+        let file = t.adapter().unwrap().to_file_bytes().unwrap();
+        let read = ExitAdapter::from_file_bytes(&file, drafter.config().hidden).unwrap();
+        let resumed = ExitTrainer::resume(&drafter, ExitConfig::default(), &read).unwrap();
+        assert_eq!(resumed.expected_acceptance(&held_out).unwrap(), after);
 
         // Serving: the drafter with the trained adapter computes the logits the trainer trained.
         let served = drafter.with_adapter(Some(t.adapter().unwrap())).unwrap();

@@ -7,6 +7,7 @@
 //! - `drafter`: the [`Drafter`] trait and its kinds (a draft model, a self-drafter cut from the target's
 //!   first layers, a model-free n-gram/token-recycling drafter).
 //! - `speculate`: the single-process speculation loop (draft, verify, roll back, adapt k).
+//! - `adapter`: the self-drafter's exit adapter, its serving arithmetic and its weight file.
 //! - `exit_train`: distilling a self-drafter's early exit (an `ExitAdapter` before its final norm) with
 //!   candle autograd against the target's captured distributions.
 //! - `testing`: tiny random-weight model files for hermetic tests.
@@ -14,6 +15,7 @@
 //! It does not do networking, scheduling across processes, or the training loop's policy (what to train
 //! on, when, and what to publish); those live in the services.
 
+pub mod adapter;
 pub mod config;
 pub mod drafter;
 pub mod error;

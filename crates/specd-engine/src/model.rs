@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+pub use crate::adapter::ExitAdapter;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::EngineError;
 use crate::kv::KvCache;
@@ -105,51 +106,6 @@ struct HeadSubset {
     extra_ids: Vec<u32>,
     /// The token id of every logit column: `0..prefix.rows()` then `extra_ids`.
     ids: Vec<u32>,
-}
-
-/// A low-rank correction of the residual stream before the final norm: `x + B (A x)`, trained by
-/// distillation (`crate::exit_train`) so that a self-drafter's early exit predicts what the full model
-/// would. `a` is `rank x hidden` and `b` is `hidden x rank`, row-major; per row the arithmetic is fixed,
-/// so it keeps the forward batch-invariant.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ExitAdapter {
-    pub rank: usize,
-    pub a: Vec<f32>,
-    pub b: Vec<f32>,
-}
-
-impl ExitAdapter {
-    /// Checks its shape against a hidden size.
-    pub fn check(&self, hidden: usize) -> Result<(), EngineError> {
-        if self.rank == 0
-            || self.a.len() != self.rank * hidden
-            || self.b.len() != hidden * self.rank
-        {
-            return Err(EngineError::BadModel(format!(
-                "exit adapter of rank {} does not fit a hidden size of {hidden}",
-                self.rank
-            )));
-        }
-        if self.a.iter().chain(&self.b).any(|v| !v.is_finite()) {
-            return Err(EngineError::BadModel(
-                "exit adapter holds NaN or inf".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// `x += B (A x)` for one row.
-    fn apply(&self, x: &mut [f32]) {
-        let d = x.len();
-        let t: Vec<f32> = self
-            .a
-            .chunks_exact(d)
-            .map(|row| row.iter().zip(x.iter()).map(|(a, x)| a * x).sum())
-            .collect();
-        for (xi, brow) in x.iter_mut().zip(self.b.chunks_exact(self.rank)) {
-            *xi += brow.iter().zip(&t).map(|(b, t)| b * t).sum::<f32>();
-        }
-    }
 }
 
 /// A decoder over shared weights.

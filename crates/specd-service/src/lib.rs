@@ -5,6 +5,7 @@
 //! - [`metrics`]: the process-wide Prometheus recorder and the `/metrics` + `/health` HTTP endpoint of
 //!   the workers (the router serves the same routes on its OpenAI-compatible HTTP server).
 //! - [`grpc`]: a tonic server with gRPC health checking and server reflection (v1 and v1alpha).
+//! - [`weights`]: sha256 and the `Trainer.FetchWeights` client that checks a published file before use.
 //! - [`shutdown`]: SIGTERM/SIGINT handling and the drain sequence (stop accepting, finish in-flight work
 //!   within a deadline, then stop).
 //!
@@ -15,6 +16,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
+pub mod weights;
 
 pub use shutdown::{Drain, Shutdown};
 

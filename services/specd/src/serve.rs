@@ -11,30 +11,29 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use specd_coord::{EtcdConfig, InstanceRecord, Role, Store};
-use specd_engine::exit_train::ExitConfig;
 use specd_engine::preset::{default_self_layers, trim_draft_head, Preset};
 use specd_engine::{load_gguf, LoadedModel};
 use specd_proto::internal::v1::drafter_server::DrafterServer;
 use specd_proto::internal::v1::target_server::TargetServer;
-use specd_proto::internal::v1::trainer_server::TrainerServer;
 use specd_proto::v1::generation_server::GenerationServer;
 use specd_router::core::{ModelMeta, Router, RouterConfig};
 use specd_router::pool::Pool;
 use specd_service::grpc::{Keepalive, MAX_MESSAGE_BYTES};
 use specd_service::telemetry::{LogFormat, TelemetryConfig};
 use specd_service::{Drain, Shutdown};
-use specd_trainer::buffer::BufferConfig;
-use specd_trainer::idle::IdleGate;
-use specd_trainer::service::{TrainerConfig, TrainerService};
-use specd_trainer::train::TrainConfig;
 use specd_worker::drafter::{DrafterModels, DrafterService};
 use specd_worker::samples::{run_sender, SampleConfig, SampleSink};
+use specd_worker::swap::{FollowConfig, LiveDrafter};
 use specd_worker::target::{
     BatchLimits, TargetService, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_PREFILL_CHUNK,
 };
 use specd_worker::{serve_worker, ServeOptions, WorkerIdentity};
 
 use crate::cli::{init_threads, ModelArgs};
+
+mod trainer;
+use trainer::start_trainer;
+pub use trainer::{run_trainer, TrainArgs, TrainerArgs};
 
 /// What every service role takes.
 #[derive(Debug, Clone, Args)]
@@ -119,101 +118,6 @@ impl SampleArgs {
 }
 
 /// The trainer's replay buffer and distillation loop.
-#[derive(Debug, Clone, Args)]
-pub struct TrainArgs {
-    /// Most training positions kept per drafter kind (oldest samples go first).
-    #[arg(long, env = "SPECD_BUFFER_POSITIONS", default_value_t = 200_000)]
-    pub buffer_positions: usize,
-    /// One sample in this many is held out for evaluation.
-    #[arg(long, env = "SPECD_EVAL_EVERY", default_value_t = 10)]
-    pub eval_every: u64,
-    /// Target layers of the self-drafter whose exit adapter is trained (default: the preset's).
-    #[arg(long, env = "SPECD_TRAIN_LAYERS")]
-    pub train_layers: Option<usize>,
-    /// Rank of the exit adapter.
-    #[arg(long, env = "SPECD_TRAIN_RANK", default_value_t = 16)]
-    pub train_rank: usize,
-    /// AdamW learning rate.
-    #[arg(long, env = "SPECD_TRAIN_LR", default_value_t = 1e-3)]
-    pub train_lr: f64,
-    /// Distillation loss: fkl, rkl, jsd, jsd:BETA or tv.
-    #[arg(long, env = "SPECD_TRAIN_LOSS", default_value = "fkl")]
-    pub train_loss: String,
-    /// Positions learned from: rejected (where the target corrected the draft; OSD's default) or all.
-    #[arg(long, env = "SPECD_TRAIN_POSITIONS", default_value = "rejected")]
-    pub train_positions: String,
-    /// Training steps start only while requests in flight plus waiting, over all routers, are at most
-    /// this.
-    #[arg(long, env = "SPECD_TRAIN_MAX_LOAD", default_value_t = 0)]
-    pub train_max_load: u32,
-}
-
-impl TrainArgs {
-    fn buffer(&self) -> BufferConfig {
-        BufferConfig {
-            max_positions: self.buffer_positions.max(1),
-            max_held_out: (self.buffer_positions / 10).max(1),
-            eval_every: self.eval_every,
-        }
-    }
-
-    fn train(&self) -> anyhow::Result<TrainConfig> {
-        let loss = specd_core::Loss::parse(&self.train_loss)
-            .map_err(|e| anyhow::anyhow!("--train-loss: {e}"))?;
-        let mask = match self.train_positions.as_str() {
-            "rejected" => specd_core::PositionMask::Rejected,
-            "all" => specd_core::PositionMask::All,
-            other => bail!("--train-positions must be rejected or all, got {other:?}"),
-        };
-        if self.train_rank == 0 || !(self.train_lr > 0.0 && self.train_lr.is_finite()) {
-            bail!("--train-rank must be at least 1 and --train-lr positive");
-        }
-        Ok(TrainConfig {
-            exit: ExitConfig {
-                rank: self.train_rank,
-                lr: self.train_lr,
-                loss,
-                ..ExitConfig::default()
-            },
-            mask,
-            ..TrainConfig::default()
-        })
-    }
-
-    /// The self-drafter of `target` whose exit is trained (the same trimmed head it drafts with).
-    fn drafter(
-        &self,
-        target: &LoadedModel,
-        margs: &ModelArgs,
-    ) -> anyhow::Result<specd_engine::Model> {
-        let layers = self
-            .train_layers
-            .unwrap_or_else(|| default_self_layers(target.model.config().layers));
-        let cut = target.model.truncated(layers)?;
-        Ok(trim_draft_head(
-            &cut,
-            target.tokenizer.stop_ids(),
-            margs.draft_vocab,
-        )?)
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct TrainerArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub service: ServiceArgs,
-    /// gRPC listen address.
-    #[arg(long, env = "SPECD_GRPC_ADDR", default_value = "0.0.0.0:50081")]
-    pub grpc_addr: SocketAddr,
-    /// Prometheus /metrics and /health listen address (none: not served).
-    #[arg(long, env = "SPECD_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    #[command(flatten)]
-    pub train: TrainArgs,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
     #[command(flatten)]
@@ -393,99 +297,6 @@ pub(crate) fn target_file(args: &ModelArgs) -> anyhow::Result<(Preset, PathBuf)>
     Ok((preset, path))
 }
 
-/// Serves a trainer for `target` (its id `model`), campaigns for its election and runs the distillation
-/// loop on `drafter` until `shutdown`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn start_trainer(
-    model: String,
-    vocab: usize,
-    drafter: specd_engine::Model,
-    args: &ServiceArgs,
-    addr: SocketAddr,
-    train: &TrainArgs,
-    store: Store,
-    shutdown: Shutdown,
-) -> anyhow::Result<specd_worker::Running> {
-    let svc = TrainerService::new(TrainerConfig {
-        model: model.clone(),
-        vocab,
-        buffer: train.buffer(),
-    });
-    let leader = svc.leader_flag();
-    let gate = IdleGate::follow(store.clone(), train.train_max_load, shutdown.clone())
-        .await
-        .context("following the routers' load")?;
-    specd_trainer::train::spawn(
-        drafter,
-        train.train()?,
-        specd_trainer::train::Shared {
-            buffer: svc.buffer_handle(),
-            status: svc.training_handle(),
-            leader: svc.leader_flag(),
-        },
-        gate,
-        shutdown.clone(),
-    )?;
-    let router = specd_service::grpc::server(args.keepalive()).add_service(
-        TrainerServer::new(svc)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    );
-    let id = WorkerIdentity {
-        instance_id: instance_id(args, Role::Trainer),
-        model: model.clone(),
-        ..WorkerIdentity::default()
-    };
-    let running = serve_worker(
-        router,
-        specd_worker::health_name(Role::Trainer),
-        record(Role::Trainer, &id, 0, Vec::new()),
-        || 0,
-        Drain::new(),
-        serve_options(args, addr, store.clone(), shutdown.clone()),
-    )
-    .await?;
-    tokio::spawn(specd_trainer::service::lead(
-        store,
-        model,
-        running.advertised.clone(),
-        Duration::from_secs(args.lease_ttl.max(1)),
-        leader,
-        shutdown,
-    ));
-    Ok(running)
-}
-
-pub fn run_trainer(args: TrainerArgs) -> anyhow::Result<()> {
-    let a = &args;
-    run_role(
-        "specd-trainer",
-        a.model.threads,
-        &a.service,
-        a.metrics_addr,
-        false,
-        |store, shutdown| async move {
-            let (_, path) = target_file(&a.model)?;
-            // The target's first layers are the self-drafter whose exit is distilled.
-            let target = load_gguf(&path)?;
-            let drafter = a.train.drafter(&target, &a.model)?;
-            let running = start_trainer(
-                model_id(&path),
-                target.model.config().vocab,
-                drafter,
-                &a.service,
-                a.grpc_addr,
-                &a.train,
-                store,
-                shutdown,
-            )
-            .await?;
-            println!("trainer listening on {}", running.advertised);
-            wait(running.task).await
-        },
-    )
-}
-
 pub(crate) fn identity(target: &LoadedModel, id: String) -> WorkerIdentity {
     WorkerIdentity {
         instance_id: id,
@@ -620,11 +431,11 @@ pub(crate) fn drafter_models(
                 let n = margs
                     .self_layers
                     .unwrap_or_else(|| default_self_layers(target.model.config().layers));
-                models.self_drafter = Some(trim_draft_head(
+                models.self_drafter = Some(LiveDrafter::new(trim_draft_head(
                     &target.model.truncated(n)?,
                     target.tokenizer.stop_ids(),
                     margs.draft_vocab,
-                )?);
+                )?));
             }
             "ngram" | "auto" => models.ngram = true,
             other => bail!("unknown drafter kind {other:?} (model, self, ngram)"),
@@ -644,6 +455,21 @@ pub(crate) async fn start_drafter(
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
     let drain = Drain::new();
+    if let Some(live) = models.self_drafter.clone() {
+        // Trained versions of the self-drafter, as the trainer publishes them.
+        let cfg = FollowConfig {
+            model: id.model.clone(),
+            reporter: id.instance_id.clone(),
+            keepalive: args.keepalive(),
+            fetch_timeout: Duration::from_secs(60),
+        };
+        tokio::spawn(specd_worker::swap::follow(
+            store.clone(),
+            cfg,
+            live,
+            shutdown.clone(),
+        ));
+    }
     let svc = DrafterService::new(
         models,
         id.clone(),

@@ -16,5 +16,7 @@
 
 pub mod buffer;
 pub mod idle;
+pub mod publish;
 pub mod service;
 pub mod train;
+pub mod weights;

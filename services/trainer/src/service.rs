@@ -23,18 +23,24 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::buffer::{validate, BufferConfig, ReplayBuffer};
+use crate::publish::LiveCounts;
+use crate::weights::WeightStore;
 
 /// What the training loop last reported.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrainingStatus {
     pub steps: u64,
     pub last_loss: f64,
-    /// Held-out expected acceptance of the drafter as served (no adapter: nothing is published yet).
+    /// Held-out expected acceptance of the live version, at the latest evaluation.
     pub acceptance_live: f64,
     /// Held-out expected acceptance of the adapter being trained.
     pub acceptance_candidate: f64,
     /// Steps skipped because the cluster was busy.
     pub yielded: u64,
+    /// The version live now (0: the drafter as loaded).
+    pub live_version: u64,
+    pub publishes: u64,
+    pub rollbacks: u64,
 }
 
 /// What the trainer trains for.
@@ -45,6 +51,8 @@ pub struct TrainerConfig {
     /// The target's vocabulary size, to check token ids.
     pub vocab: usize,
     pub buffer: BufferConfig,
+    /// Where published weight files are kept and served from.
+    pub weights: WeightStore,
 }
 
 /// The `Trainer` gRPC service.
@@ -59,6 +67,7 @@ struct Inner {
     /// What the training loop reports (steps, loss, gate figures).
     training: Arc<Mutex<TrainingStatus>>,
     leader: Arc<AtomicBool>,
+    live: LiveCounts,
     accepted: AtomicU64,
     dropped: AtomicU64,
 }
@@ -71,6 +80,7 @@ impl TrainerService {
                 training: Arc::default(),
                 cfg,
                 leader: Arc::new(AtomicBool::new(false)),
+                live: LiveCounts::default(),
                 accepted: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
             }),
@@ -96,6 +106,11 @@ impl TrainerService {
         Arc::clone(&self.inner.training)
     }
 
+    /// Drafted and accepted tokens per drafter version, from the samples received.
+    pub fn live_counts(&self) -> LiveCounts {
+        self.inner.live.clone()
+    }
+
     /// Files a sample as if it had arrived over `SubmitSamples`; whether it was kept.
     pub fn submit(&self, s: pb::DistillSample) -> bool {
         self.take(s)
@@ -114,6 +129,10 @@ impl TrainerService {
             let kind = s.drafter_kind.clone();
             match validate(s, &self.inner.cfg.model, self.inner.cfg.vocab) {
                 Ok(sample) => {
+                    let drafted = sample.positions.iter().filter(|p| p.draft.is_some());
+                    let (d, a) =
+                        drafted.fold((0, 0), |(d, a), p| (d + 1, a + u64::from(!p.rejected)));
+                    self.inner.live.record(&sample.drafter_version, d, a);
                     let mut b = self.buffer();
                     b.add(&kind, sample);
                     metrics::gauge!("specd_trainer_buffer_positions").set(b.positions() as f64);
@@ -167,11 +186,35 @@ impl Trainer for TrainerService {
         request: Request<pb::FetchWeightsRequest>,
     ) -> Result<Response<Self::FetchWeightsStream>, Status> {
         let r = request.into_inner();
-        // Nothing is published yet: every version is unknown here.
-        Err(Status::not_found(format!(
-            "no published drafter version {:?} of {:?} for {:?}",
-            r.version, r.drafter_kind, r.model
-        )))
+        let cfg = &self.inner.cfg;
+        if r.model != cfg.model {
+            return Err(Status::not_found(format!(
+                "this trainer trains drafters of {:?}, not {:?}",
+                cfg.model, r.model
+            )));
+        }
+        let version: u64 = if r.version.is_empty() {
+            self.inner
+                .training
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .live_version
+        } else {
+            r.version.parse().map_err(|_| {
+                Status::invalid_argument(format!("version {:?} is not a number", r.version))
+            })?
+        };
+        let chunks = cfg.weights.chunks(&r.model, &r.drafter_kind, version)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for c in chunks {
+                if tx.send(Ok(c)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        metrics::counter!("specd_trainer_weight_fetches_total").increment(1);
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn status(
@@ -186,7 +229,7 @@ impl Trainer for TrainerService {
             .clone();
         Ok(Response::new(pb::TrainerStatus {
             leader: self.inner.leader.load(Ordering::Relaxed),
-            live_version: String::new(),
+            live_version: t.live_version.to_string(),
             buffered_samples: self.buffer().samples() as u64,
             steps: t.steps,
             last_loss: t.last_loss,

@@ -1,20 +1,26 @@
 //! The distillation loop: trains the self-drafter's exit adapter (`specd_engine::exit_train`) on the
-//! samples the targets capture, while this trainer leads and the cluster is idle.
+//! samples the targets capture, while this trainer leads and the cluster is idle, and publishes what
+//! passes the gate.
 //!
-//! It runs on a thread of its own (training is CPU work, not async work). Before every optimizer step
-//! it checks leadership and the [`IdleGate`], so it yields within one step when load rises; a step is
-//! one batch (64 positions by default: about 0.14 s for SmolLM2 on two cores). It trains on what is
-//! new, in arrival order: each round takes the oldest samples not trained on yet (at most a few),
-//! recomputes the drafter's exit states for their contexts with the engine's own kernels, and keeps the
-//! positions the mask selects (OSD's default: where the target rejected the draft). Every
-//! `eval_every` steps it measures the held-out expected acceptance of the plain exit and of the adapted
-//! one, which `Status` reports.
+//! It runs on a thread of its own (training is CPU work, not async work; the few store operations run on
+//! the service's runtime through its handle). Before every optimizer step it checks leadership and the
+//! [`IdleGate`], so it yields within one step when load rises; a step is one batch (64 positions by
+//! default: about 0.14 s for SmolLM2 on two cores). It trains on what is new, in arrival order: each
+//! round takes the oldest samples not trained on yet (at most a few), recomputes the drafter's exit
+//! states for their contexts with the engine's own kernels, and keeps the positions the mask selects
+//! (OSD's default: where the target rejected the draft).
 //!
-//! Not done here yet: publishing the adapter (weight store, version record, gate) and hot swap.
+//! On becoming leader it resumes from the live version (its adapter read from the weight store, or
+//! fetched from the trainer that published it), so a standby or a restarted trainer goes on from the
+//! last published version. Every `eval_every` steps it measures the held-out expected acceptance of the
+//! live version and of the candidate on the same recent held-out samples; a candidate that beats the
+//! live one by the gate's margin is published ([`Publisher::publish`]). About once a second, even when
+//! busy, it checks the live version ([`Publisher::watch_once`]): a refused file or a live regression
+//! rolls back, and training resumes from the restored version.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use specd_core::PositionMask;
 use specd_engine::exit_train::{ExitConfig, ExitSample, ExitTrainer};
@@ -23,6 +29,7 @@ use specd_service::Shutdown;
 
 use crate::buffer::{ReplayBuffer, Sample};
 use crate::idle::IdleGate;
+use crate::publish::{GateConfig, GateFigures, LiveCounts, Publisher};
 use crate::service::TrainingStatus;
 
 /// How the loop trains.
@@ -38,6 +45,7 @@ pub struct TrainConfig {
     pub eval_every: u64,
     /// Held-out positions evaluated, at most.
     pub eval_positions: usize,
+    pub gate: GateConfig,
 }
 
 impl Default for TrainConfig {
@@ -49,6 +57,7 @@ impl Default for TrainConfig {
             batch: 64,
             eval_every: 20,
             eval_positions: 512,
+            gate: GateConfig::default(),
         }
     }
 }
@@ -57,12 +66,22 @@ impl Default for TrainConfig {
 const ROUND: usize = 16;
 /// Pause while there is nothing to do (not leading, busy, nothing new).
 const PAUSE: Duration = Duration::from_millis(100);
+/// How often the live version is checked for a rollback.
+const WATCH: Duration = Duration::from_secs(1);
 
 /// What the loop shares with the service.
 pub struct Shared {
     pub buffer: Arc<Mutex<ReplayBuffer>>,
     pub status: Arc<Mutex<TrainingStatus>>,
     pub leader: Arc<AtomicBool>,
+    pub live: LiveCounts,
+}
+
+/// Where the loop publishes: the publisher and the runtime its store calls run on.
+#[derive(Clone)]
+pub struct Publishing {
+    pub publisher: Publisher,
+    pub runtime: tokio::runtime::Handle,
 }
 
 /// The exit states and targets of a sample's positions that `mask` keeps.
@@ -94,21 +113,78 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the loop on its own thread; it ends when `stop` fires.
+/// Starts the loop on its own thread; it ends when `stop` fires. Without `publishing` it trains and
+/// evaluates but publishes nothing.
 pub fn spawn(
     drafter: Model,
     cfg: TrainConfig,
     shared: Shared,
     gate: IdleGate,
+    publishing: Option<Publishing>,
     stop: Shutdown,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("specd-trainer".into())
         .spawn(move || {
-            if let Err(e) = run(&drafter, &cfg, &shared, &gate, &stop) {
+            if let Err(e) = run(&drafter, &cfg, &shared, &gate, publishing.as_ref(), &stop) {
                 tracing::error!(error = %e, "the training loop stopped");
             }
         })
+}
+
+/// The training state of one leadership term.
+struct Term {
+    trainer: ExitTrainer,
+    /// The live version's adapter (never stepped), for the gate's comparison.
+    live: ExitTrainer,
+    trained_upto: u64,
+    pending: Vec<ExitSample>,
+}
+
+impl Term {
+    /// Starts from the live version, or from scratch when nothing is published (or it cannot be read).
+    fn start(
+        drafter: &Model,
+        cfg: &TrainConfig,
+        publishing: Option<&Publishing>,
+        status: &Mutex<TrainingStatus>,
+    ) -> Result<Self, specd_engine::EngineError> {
+        let hidden = drafter.config().hidden;
+        let live = publishing.and_then(|p| {
+            match p.runtime.block_on(p.publisher.load_live(hidden)) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the live version; training from scratch");
+                    None
+                }
+            }
+        });
+        let version = live.as_ref().map_or(0, |(v, _)| v.version);
+        lock(status).live_version = version;
+        metrics::gauge!("specd_trainer_live_version").set(version as f64);
+        let (trainer, base) = match &live {
+            Some((v, a)) => {
+                tracing::info!(
+                    version = v.version,
+                    "resuming training from the live version"
+                );
+                (
+                    ExitTrainer::resume(drafter, cfg.exit, a)?,
+                    ExitTrainer::resume(drafter, cfg.exit, a)?,
+                )
+            }
+            None => (
+                ExitTrainer::new(drafter, cfg.exit, 1)?,
+                ExitTrainer::new(drafter, cfg.exit, 1)?,
+            ),
+        };
+        Ok(Self {
+            trainer,
+            live: base,
+            trained_upto: 0,
+            pending: Vec::new(),
+        })
+    }
 }
 
 fn run(
@@ -116,28 +192,53 @@ fn run(
     cfg: &TrainConfig,
     shared: &Shared,
     gate: &IdleGate,
+    publishing: Option<&Publishing>,
     stop: &Shutdown,
 ) -> Result<(), specd_engine::EngineError> {
-    let mut trainer = ExitTrainer::new(drafter, cfg.exit, 1)?;
-    // Never stepped: the exit as served today, for the held-out comparison.
-    let base = ExitTrainer::new(drafter, cfg.exit, 1)?;
-    let mut trained_upto = 0u64;
-    let mut pending: Vec<ExitSample> = Vec::new();
+    let mut term: Option<Term> = None;
     let batch = cfg.batch.max(1);
+    let mut watched = Instant::now();
     while !stop.is_triggered() {
-        if !shared.leader.load(Ordering::Relaxed) || !gate.may_train() {
-            if !pending.is_empty() || gate.load().in_flight > 0 {
+        if !shared.leader.load(Ordering::Relaxed) {
+            term = None;
+            std::thread::sleep(PAUSE);
+            continue;
+        }
+        if watched.elapsed() >= WATCH {
+            watched = Instant::now();
+            if let Some(p) = publishing {
+                match p.runtime.block_on(p.publisher.watch_once(&shared.live)) {
+                    Ok(Some(restored)) => {
+                        lock(&shared.status).rollbacks += 1;
+                        tracing::warn!(
+                            version = restored.version,
+                            "training resumes from the restored version"
+                        );
+                        term = None;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "checking the live version failed"),
+                }
+            }
+        }
+        let t = match &mut term {
+            Some(t) => t,
+            None => term.insert(Term::start(drafter, cfg, publishing, &shared.status)?),
+        };
+        if !gate.may_train() {
+            if !t.pending.is_empty() || gate.load().in_flight > 0 {
                 lock(&shared.status).yielded += 1;
+                metrics::counter!("specd_trainer_yielded_total").increment(1);
             }
             std::thread::sleep(PAUSE);
             continue;
         }
-        if pending.len() < batch {
+        if t.pending.len() < batch {
             // In arrival order, so that nothing between two rounds is skipped (what is too old has
             // been evicted already).
             let mut new = lock(&shared.buffer)
                 .shelf(&cfg.kind)
-                .map(|s| s.newer_than(trained_upto, usize::MAX))
+                .map(|s| s.newer_than(t.trained_upto, usize::MAX))
                 .unwrap_or_default();
             new.reverse();
             new.truncate(ROUND);
@@ -145,46 +246,92 @@ fn run(
                 std::thread::sleep(PAUSE);
                 continue;
             }
-            trained_upto = new.iter().map(|s| s.seq).max().unwrap_or(trained_upto);
+            t.trained_upto = new.iter().map(|s| s.seq).max().unwrap_or(t.trained_upto);
             for s in &new {
-                pending.extend(exit_samples(drafter, s, cfg.mask)?);
+                t.pending.extend(exit_samples(drafter, s, cfg.mask)?);
             }
             continue;
         }
-        let chunk: Vec<ExitSample> = pending.drain(..batch).collect();
-        let t0 = std::time::Instant::now();
-        let loss = trainer.step(&chunk)?;
-        metrics::histogram!("specd_trainer_step_seconds").record(t0.elapsed().as_secs_f64());
+        let chunk: Vec<ExitSample> = t.pending.drain(..batch).collect();
+        let t0 = Instant::now();
+        let loss = t.trainer.step(&chunk)?;
+        let took = t0.elapsed().as_secs_f64();
+        metrics::histogram!("specd_trainer_step_seconds").record(took);
         metrics::counter!("specd_trainer_steps_total").increment(1);
+        metrics::counter!("specd_trainer_positions_total").increment(chunk.len() as u64);
+        metrics::gauge!("specd_trainer_loss").set(loss);
         let steps = {
             let mut st = lock(&shared.status);
             st.steps += 1;
             st.last_loss = loss;
             st.steps
         };
-        metrics::gauge!("specd_trainer_loss").set(loss);
         if steps % cfg.eval_every.max(1) == 0 || steps == 1 {
-            let held: Vec<Arc<Sample>> = lock(&shared.buffer)
-                .shelf(&cfg.kind)
-                .map(|s| s.held_out().cloned().collect())
-                .unwrap_or_default();
-            let mut eval = Vec::new();
-            for s in &held {
-                if eval.len() >= cfg.eval_positions {
-                    break;
-                }
-                eval.extend(exit_samples(drafter, s, PositionMask::All)?);
-            }
-            eval.truncate(cfg.eval_positions);
-            if !eval.is_empty() {
-                let live = base.expected_acceptance(&eval)?;
-                let candidate = trainer.expected_acceptance(&eval)?;
-                let mut st = lock(&shared.status);
-                st.acceptance_live = live;
-                st.acceptance_candidate = candidate;
-                tracing::info!(steps, loss, live, candidate, "held-out expected acceptance");
-            }
+            evaluate(drafter, cfg, shared, t, publishing)?;
         }
+    }
+    Ok(())
+}
+
+/// Measures the live version and the candidate on recent held-out samples; publishes the candidate
+/// when the gate lets it out.
+fn evaluate(
+    drafter: &Model,
+    cfg: &TrainConfig,
+    shared: &Shared,
+    t: &mut Term,
+    publishing: Option<&Publishing>,
+) -> Result<(), specd_engine::EngineError> {
+    let held: Vec<Arc<Sample>> = lock(&shared.buffer)
+        .shelf(&cfg.kind)
+        .map(|s| s.held_out().cloned().collect())
+        .unwrap_or_default();
+    let mut eval = Vec::new();
+    for s in &held {
+        if eval.len() >= cfg.eval_positions {
+            break;
+        }
+        eval.extend(exit_samples(drafter, s, PositionMask::All)?);
+    }
+    eval.truncate(cfg.eval_positions);
+    if eval.is_empty() {
+        return Ok(());
+    }
+    let figures = GateFigures {
+        live: t.live.expected_acceptance(&eval)?,
+        candidate: t.trainer.expected_acceptance(&eval)?,
+        positions: eval.len(),
+    };
+    metrics::counter!("specd_trainer_evaluations_total").increment(1);
+    metrics::gauge!("specd_trainer_gate_acceptance", "version" => "live").set(figures.live);
+    metrics::gauge!("specd_trainer_gate_acceptance", "version" => "candidate")
+        .set(figures.candidate);
+    {
+        let mut st = lock(&shared.status);
+        st.acceptance_live = figures.live;
+        st.acceptance_candidate = figures.candidate;
+    }
+    tracing::info!(
+        live = figures.live,
+        candidate = figures.candidate,
+        positions = figures.positions,
+        "held-out expected acceptance"
+    );
+    let Some(p) = publishing else {
+        return Ok(());
+    };
+    if !cfg.gate.passes(&figures) || !shared.leader.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let adapter = t.trainer.adapter()?;
+    match p.runtime.block_on(p.publisher.publish(&adapter, figures)) {
+        Ok(v) => {
+            t.live = ExitTrainer::resume(drafter, cfg.exit, &adapter)?;
+            let mut st = lock(&shared.status);
+            st.live_version = v.version;
+            st.publishes += 1;
+        }
+        Err(e) => tracing::warn!(error = %e, "publishing the candidate failed"),
     }
     Ok(())
 }
@@ -195,6 +342,7 @@ mod tests {
     use super::*;
     use crate::buffer::BufferConfig;
     use crate::service::{TrainerConfig, TrainerService};
+    use crate::weights::WeightStore;
     use specd_coord::{LoadReport, Store};
     use specd_engine::testing::{write_tiny_model, TinySpec};
     use specd_engine::{load_gguf, Family, LogitsWanted};
@@ -237,68 +385,167 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_loop_trains_on_captured_samples_while_idle_and_yields_when_busy() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        let mut spec = TinySpec::new(Family::Qwen2, 11);
-        spec.layers = 4;
-        spec.scale = 0.3;
-        write_tiny_model(&path, &spec).unwrap();
-        let target = load_gguf(&path).unwrap().model;
-        let drafter = target.truncated(1).unwrap();
-        let svc = TrainerService::new(TrainerConfig {
-            model: "tiny".into(),
-            vocab: target.config().vocab,
-            buffer: BufferConfig {
+    /// `captured(s)` with the target's distributions of another sequence: what a broken capture, or
+    /// traffic the drafter cannot learn from, would teach.
+    fn shuffled(target: &Model, s: u64) -> pb::DistillSample {
+        let mut good = captured(target, s);
+        good.target = captured(target, s + 3).target;
+        good.tail_mass = captured(target, s + 3).tail_mass;
+        good
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        target: Model,
+        svc: TrainerService,
+        store: Store,
+        stop: Shutdown,
+        gate: IdleGate,
+        publisher: Publisher,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Rig {
+        async fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny.gguf");
+            let mut spec = TinySpec::new(Family::Qwen2, 11);
+            spec.layers = 4;
+            spec.scale = 0.3;
+            write_tiny_model(&path, &spec).unwrap();
+            let target = load_gguf(&path).unwrap().model;
+            let weights = WeightStore::open(dir.path().join("weights")).unwrap();
+            let svc = TrainerService::new(TrainerConfig {
+                model: "tiny".into(),
+                vocab: target.config().vocab,
+                buffer: BufferConfig {
+                    eval_every: 5,
+                    ..BufferConfig::default()
+                },
+                weights: weights.clone(),
+            });
+            svc.leader_flag().store(true, Ordering::Relaxed);
+            let store = Store::memory();
+            let stop = Shutdown::new();
+            let gate = IdleGate::follow(store.clone(), 0, stop.clone())
+                .await
+                .unwrap();
+            let publisher = Publisher {
+                store: store.clone(),
+                weights,
+                model: "tiny".into(),
+                kind: "self".into(),
+                layers: 1,
+                url: "127.0.0.1:1".into(),
+                cfg: GateConfig::default(),
+                keepalive: specd_service::grpc::Keepalive::default(),
+            };
+            Self {
+                _dir: dir,
+                target,
+                svc,
+                store,
+                stop,
+                gate,
+                publisher,
+                thread: None,
+            }
+        }
+
+        fn start(&mut self) {
+            let cfg = TrainConfig {
+                exit: ExitConfig {
+                    rank: 8,
+                    lr: 3e-3,
+                    ..ExitConfig::default()
+                },
                 eval_every: 5,
-                ..BufferConfig::default()
-            },
-        });
-        svc.leader_flag().store(true, Ordering::Relaxed);
+                ..TrainConfig::default()
+            };
+            let shared = Shared {
+                buffer: self.svc.buffer_handle(),
+                status: self.svc.training_handle(),
+                leader: self.svc.leader_flag(),
+                live: self.svc.live_counts(),
+            };
+            let publishing = Publishing {
+                publisher: self.publisher.clone(),
+                runtime: tokio::runtime::Handle::current(),
+            };
+            let drafter = self.target.truncated(1).unwrap();
+            self.thread = Some(
+                spawn(
+                    drafter,
+                    cfg,
+                    shared,
+                    self.gate.clone(),
+                    Some(publishing),
+                    self.stop.clone(),
+                )
+                .unwrap(),
+            );
+        }
+
+        fn status(&self) -> TrainingStatus {
+            lock(&self.svc.training_handle()).clone()
+        }
+
+        async fn wait(&self, what: &str, done: impl Fn(&TrainingStatus) -> bool) {
+            let end = Instant::now() + Duration::from_secs(90);
+            while !done(&self.status()) {
+                assert!(Instant::now() < end, "{what}: {:?}", self.status());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        fn stop(mut self) {
+            self.stop.trigger();
+            if let Some(t) = self.thread.take() {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loop_publishes_a_better_drafter_while_idle_and_yields_when_busy() {
+        let mut rig = Rig::new().await;
         for s in 0..80 {
-            assert!(svc.submit(captured(&target, s)));
+            assert!(rig.svc.submit(captured(&rig.target, s)));
         }
-        let store = Store::memory();
-        let stop = Shutdown::new();
-        let gate = IdleGate::follow(store.clone(), 0, stop.clone())
+        rig.start();
+        rig.wait("nothing published", |st| st.publishes >= 1).await;
+        let (live, _) = rig.publisher.current().await.unwrap().unwrap();
+        assert!(live.version >= 1 && live.parent.is_some());
+        assert!(live.gate_candidate >= live.gate_live + GateConfig::default().margin);
+        // A real improvement: the published file, loaded as a drafter worker would, accepts more of the
+        // target's held-out distributions than the plain exit.
+        let drafter = rig.target.truncated(1).unwrap();
+        let (_, adapter) = rig
+            .publisher
+            .load_live(drafter.config().hidden)
             .await
+            .unwrap()
             .unwrap();
-        let status = svc.training_handle();
-        let cfg = TrainConfig {
-            exit: ExitConfig {
-                rank: 8,
-                lr: 3e-3,
-                ..ExitConfig::default()
-            },
-            eval_every: 5,
-            ..TrainConfig::default()
-        };
-        let thread = spawn(
-            drafter,
-            cfg,
-            Shared {
-                buffer: svc.buffer_handle(),
-                status: Arc::clone(&status),
-                leader: svc.leader_flag(),
-            },
-            gate.clone(),
-            stop.clone(),
-        )
-        .unwrap();
-        let read = || lock(&status).clone();
-        let end = std::time::Instant::now() + Duration::from_secs(60);
-        while read().steps < 15 {
-            assert!(std::time::Instant::now() < end, "no training: {:?}", read());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let st = read();
-        assert!(
-            st.acceptance_candidate > st.acceptance_live,
-            "held-out acceptance did not rise: {st:?}"
-        );
+        let held: Vec<ExitSample> = (500..510)
+            .flat_map(|s| {
+                let sample =
+                    crate::buffer::validate(captured(&rig.target, s), "tiny", 1 << 20).unwrap();
+                exit_samples(&drafter, &sample, PositionMask::All).unwrap()
+            })
+            .collect();
+        let cfg = ExitConfig::default();
+        let before = ExitTrainer::new(&drafter, cfg, 1)
+            .unwrap()
+            .expected_acceptance(&held)
+            .unwrap();
+        let after = ExitTrainer::resume(&drafter, cfg, &adapter)
+            .unwrap()
+            .expected_acceptance(&held)
+            .unwrap();
+        assert!(after > before, "published {before} -> {after}");
+
         // Load appears: no step starts once the gate has seen it.
-        store
+        rig.store
             .put_record(
                 &LoadReport {
                     router: "r".into(),
@@ -310,19 +557,96 @@ mod tests {
             )
             .await
             .unwrap();
-        while gate.may_train() {
+        while rig.gate.may_train() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // At most the step already under way finishes.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let frozen = read().steps;
+        let frozen = rig.status().steps;
         for s in 80..160 {
-            svc.submit(captured(&target, s));
+            rig.svc.submit(captured(&rig.target, s));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(read().steps, frozen, "trained while the cluster was busy");
-        assert!(read().yielded > 0);
-        stop.trigger();
-        thread.join().unwrap();
+        assert_eq!(
+            rig.status().steps,
+            frozen,
+            "trained while the cluster was busy"
+        );
+        assert!(rig.status().yielded > 0);
+        rig.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_gate_refuses_a_drafter_trained_on_shuffled_targets() {
+        let mut rig = Rig::new().await;
+        // Every 5th sample is held out: those are real traffic, the rest teach the wrong targets.
+        for s in 0..120u64 {
+            let sample = if s % 5 == 4 {
+                captured(&rig.target, s)
+            } else {
+                shuffled(&rig.target, s)
+            };
+            assert!(rig.svc.submit(sample));
+        }
+        rig.start();
+        rig.wait("not trained", |st| st.steps >= 25).await;
+        let st = rig.status();
+        assert!(
+            st.acceptance_candidate < st.acceptance_live + GateConfig::default().margin,
+            "{st:?}"
+        );
+        assert_eq!(st.publishes, 0, "{st:?}");
+        assert!(rig.publisher.current().await.unwrap().is_none());
+        rig.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_leader_resumes_from_the_live_version_and_a_regression_rolls_it_back() {
+        let mut rig = Rig::new().await;
+        for s in 0..80 {
+            rig.svc.submit(captured(&rig.target, s));
+        }
+        rig.start();
+        rig.wait("nothing published", |st| st.publishes >= 1).await;
+        rig.svc.leader_flag().store(false, Ordering::Relaxed);
+        let (live, _) = rig.publisher.current().await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Leadership comes back (a standby taking over reads the same store): it resumes from the live
+        // version, whose figures the gate now compares against.
+        rig.svc.leader_flag().store(true, Ordering::Relaxed);
+        rig.wait("did not resume", |st| st.live_version == live.version)
+            .await;
+        // The cluster gets busy (no more steps, so no more publishes); the live version is still
+        // watched. Live traffic says it drafts far worse than its parent did.
+        rig.store
+            .put_record(
+                &LoadReport {
+                    router: "r".into(),
+                    in_flight: 3,
+                    queue: 0,
+                    at: 0,
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        while rig.gate.may_train() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (live, _) = rig.publisher.current().await.unwrap().unwrap();
+        let counts = rig.svc.live_counts();
+        let parent = live.parent.unwrap();
+        counts.record(&parent.to_string(), 1000, 700);
+        counts.record(&live.version.to_string(), 1000, 100);
+        rig.wait("no rollback", |st| st.rollbacks >= 1).await;
+        let (now, _) = rig.publisher.current().await.unwrap().unwrap();
+        assert_eq!(now.version, parent);
+        assert_eq!(now.rolled_back_from, Some(live.version));
+        rig.wait("did not resume the restored version", |st| {
+            st.live_version == parent
+        })
+        .await;
+        rig.stop();
     }
 }

@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::convert;
 use crate::slots::Slots;
 use crate::stream::Duplex;
+use crate::swap::LiveDrafter;
 use crate::WorkerIdentity;
 
 /// Most tokens one Propose may ask for.
@@ -37,8 +38,8 @@ const DRAFT_SEED_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 pub struct DrafterModels {
     /// A separate draft model, for kind `model`.
     pub draft: Option<Model>,
-    /// The self-drafter (the target's first layers), for kind `self`.
-    pub self_drafter: Option<Model>,
+    /// The self-drafter (the target's first layers), for kind `self`, with its live trained version.
+    pub self_drafter: Option<LiveDrafter>,
     /// Whether the model-free kinds (`ngram`, `auto`) are offered.
     pub ngram: bool,
     /// Context length sequences are limited to (the target's).
@@ -82,6 +83,8 @@ struct Inner {
 /// One stream's sequence.
 struct SeqState {
     drafter: Box<dyn Drafter>,
+    /// Version of the drafter's weights, reported in `Opened`.
+    version: String,
     tokens: Vec<u32>,
     params: SamplingParams,
     sampler: Sampler,
@@ -114,10 +117,11 @@ impl DrafterService {
         self.inner.slots.active()
     }
 
-    /// A drafter of `kind` for one sequence. A seeded request gets an n-gram drafter with its own fresh
-    /// state instead of the worker-wide one: its proposals, and so its random draws, must not depend on
-    /// what other requests taught the shared table (same seed, same output).
-    fn build(&self, kind: &str, seeded: bool) -> Result<Box<dyn Drafter>, Status> {
+    /// A drafter of `kind` for one sequence, and the version of its weights. A seeded request gets an
+    /// n-gram drafter with its own fresh state instead of the worker-wide one: its proposals, and so its
+    /// random draws, must not depend on what other requests taught the shared table (same seed, same
+    /// output). A self-drafter is the version live when the sequence opens, to its end.
+    fn build(&self, kind: &str, seeded: bool) -> Result<(Box<dyn Drafter>, String), Status> {
         let m = &self.inner.models;
         let kind: DrafterKind = kind
             .parse()
@@ -129,15 +133,22 @@ impl DrafterService {
                 m.kinds()
             ))
         };
+        let version = self.inner.identity.weights_version.clone();
         Ok(match kind {
-            DrafterKind::Model => Box::new(ModelDrafter::new(
-                DrafterKind::Model,
-                m.draft.clone().ok_or_else(unavailable)?,
-            )),
-            DrafterKind::SelfLayers => Box::new(ModelDrafter::new(
-                DrafterKind::SelfLayers,
-                m.self_drafter.clone().ok_or_else(unavailable)?,
-            )),
+            DrafterKind::Model => (
+                Box::new(ModelDrafter::new(
+                    DrafterKind::Model,
+                    m.draft.clone().ok_or_else(unavailable)?,
+                )),
+                version,
+            ),
+            DrafterKind::SelfLayers => {
+                let (model, v) = m.self_drafter.as_ref().ok_or_else(unavailable)?.current();
+                (
+                    Box::new(ModelDrafter::new(DrafterKind::SelfLayers, model)),
+                    v.to_string(),
+                )
+            }
             DrafterKind::Ngram | DrafterKind::Auto if m.ngram => {
                 let learned = if seeded {
                     SharedNgram::default()
@@ -149,7 +160,7 @@ impl DrafterService {
                     learned,
                 );
                 d.set_kind(kind);
-                Box::new(d)
+                (Box::new(d), version)
             }
             _ => return Err(unavailable()),
         })
@@ -169,7 +180,7 @@ impl DrafterService {
         }
         convert::check_tokens("open: prompt_ids", &open.prompt_ids, m.vocab)?;
         let params = convert::sampling(open.sampling.as_ref())?;
-        let mut drafter = self.build(&open.drafter_kind, params.seed.is_some())?;
+        let (mut drafter, version) = self.build(&open.drafter_kind, params.seed.is_some())?;
         let prompt = open.prompt_ids;
         let sampler = Sampler::new(params.seed.map(|s| s ^ DRAFT_SEED_SALT));
         let (drafter, prompt) =
@@ -179,6 +190,7 @@ impl DrafterService {
                 .map_err(convert::status)?;
         Ok(SeqState {
             drafter,
+            version,
             tokens: prompt,
             params,
             sampler,
@@ -214,7 +226,7 @@ impl DrafterService {
         };
         let opened = pb::draft_response::Opened {
             context_len: state.tokens.len() as u32,
-            drafter_version: self.inner.identity.weights_version.clone(),
+            drafter_version: state.version.clone(),
             feedback_width: state.drafter.feedback_width() as u32,
         };
         if !io.answer(Ok(wrap(Out::Opened(opened)))).await {

@@ -4,6 +4,8 @@
 //!   engine thread (rejection sampling per sequence, rollback by `keep_len`).
 //! - [`drafter`]: `Drafter.Draft`, one drafter instance per sequence (draft model, self-drafter or the
 //!   n-gram drafter sharing one recycling table per worker).
+//! - [`swap`]: hot swap of the trained self-drafter: follow the live version in the store, fetch and
+//!   check its weights, switch new sequences to it.
 //! - [`samples`]: distillation sample capture on targets and the bounded sender to a trainer.
 //! - [`slots`]: per-worker admission (capacity, draining); [`convert`]: wire checks and conversions;
 //!   [`stream`]: the request/answer discipline both streams share.
@@ -17,6 +19,7 @@ pub mod drafter;
 pub mod samples;
 pub mod slots;
 pub mod stream;
+pub mod swap;
 pub mod target;
 
 use std::net::SocketAddr;
