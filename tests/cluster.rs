@@ -190,12 +190,21 @@ impl Cluster {
 
     /// Starts a trainer process; it and its address.
     fn start_trainer(&mut self, n: usize) -> (Proc, String) {
+        self.start_trainer_with(n, &[])
+    }
+
+    /// Starts a trainer process with extra arguments (its weight store is in the cluster's directory).
+    fn start_trainer_with(&mut self, n: usize, extra: &[&str]) -> (Proc, String) {
+        let weights = self.dir.path().join("weights");
         let mut args = vec![
             "trainer".to_string(),
             "--grpc-addr".into(),
             "127.0.0.1:0".into(),
+            "--weights-dir".into(),
+            weights.display().to_string(),
         ];
         args.extend(self.common());
+        args.extend(extra.iter().map(|s| s.to_string()));
         let (p, banner) = Proc::start(&format!("trainer{n}"), &args, self.dir.path());
         let addr = banner
             .split_whitespace()
@@ -1545,4 +1554,79 @@ async fn samples_reach_the_leading_trainer_and_a_standby_takes_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     serve_until_buffered(&c, &model, &standby, "to the standby").await;
+}
+
+/// Online distillation end to end while serving: targets capture samples, the trainer (allowed to train
+/// under load here) distills the self-drafter, publishes a version through etcd, the drafter worker
+/// fetches, verifies and swaps it in, and a stream of requests running through all of it has no failure
+/// and every output equal to plain greedy decoding, before, during and after the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distilled_drafter_is_published_and_hot_swapped_under_traffic_without_changing_outputs() {
+    let Some((sel, model)) = smollm() else { return };
+    let Some(mut c) = Cluster::start_with(sel, &[], &[], &["--sample-rate", "1"]).await else {
+        return;
+    };
+    let (_trainer, addr) = c.start_trainer_with(
+        0,
+        &[
+            "--train-max-load",
+            "1000",
+            "--gate-margin",
+            "0.001",
+            "--gate-min-positions",
+            "16",
+            "--eval-every",
+            "3",
+            "--eval-steps",
+            "5",
+        ],
+    );
+    let drafter_log = c.drafters[0].log.clone();
+    let swapped = || {
+        std::fs::read_to_string(&drafter_log)
+            .unwrap_or_default()
+            .contains("drafter version swapped in")
+    };
+    let mut client = c.client().await;
+    let end = Instant::now() + Duration::from_secs(240);
+    let (mut served, mut after_swap) = (0, 0);
+    let prompts = [
+        PROMPTS[0],
+        "def fibonacci(n):\n    if n < 2:\n        return n\n",
+        PROMPTS[1],
+    ];
+    while after_swap < 4 {
+        let prompt = prompts[served % prompts.len()];
+        let got = client
+            .generate(request(prompt, 16, "self"))
+            .await
+            .unwrap_or_else(|e| panic!("request {served} failed: {e}\n{}", c.logs()))
+            .into_inner();
+        assert_eq!(
+            got.token_ids,
+            reference(&model, prompt, 16),
+            "request {served} (swapped: {})",
+            swapped()
+        );
+        served += 1;
+        if swapped() {
+            after_swap += 1;
+        }
+        assert!(
+            Instant::now() < end,
+            "no version swapped in after {served} requests; trainer: {:?}\n{}",
+            trainer_status(&addr).await,
+            c.logs()
+        );
+    }
+    let st = trainer_status(&addr).await.expect("trainer status");
+    assert!(st.live_version.parse::<u64>().unwrap_or(0) >= 1, "{st:?}");
+    let store = specd_coord::Store::etcd(c.etcd.config()).await.unwrap();
+    let key = specd_coord::keys::drafter_current(&model_id(&model), "self");
+    let live: specd_coord::DrafterVersion = store.get_record(&key).await.unwrap().expect("record");
+    assert!(live.version >= 1 && live.sha256.len() == 64, "{live:?}");
+    println!(
+        "osd in the cluster: {served} requests, version {} live ({:.3} -> {:.3} held out)",
+        live.version, live.gate_live, live.gate_candidate
+    );
 }

@@ -319,17 +319,19 @@ pub fn expected_acceptance(target: &TopTarget, logits: &[f32]) -> Result<f64, Di
 /// Which verified positions of a sequence to learn from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PositionMask {
-    /// Only where the target rejected the draft (OSD's default: where the drafter was wrong).
+    /// Only where the drafter did not supply the target's token: its draft was rejected (OSD's default:
+    /// where the drafter was wrong), or it drafted nothing there (a step the adaptive length left
+    /// undrafted, or the bonus position after a fully accepted draft).
     Rejected,
     /// Every verified position.
     All,
 }
 
 impl PositionMask {
-    /// Whether a position with this rejection flag is learned from.
-    pub fn keeps(self, rejected: bool) -> bool {
+    /// Whether a position is learned from, given whether the drafter's token there was accepted.
+    pub fn keeps(self, accepted: bool) -> bool {
         match self {
-            PositionMask::Rejected => rejected,
+            PositionMask::Rejected => !accepted,
             PositionMask::All => true,
         }
     }
@@ -473,7 +475,7 @@ mod tests {
         assert!(loss_and_grad(Loss::ForwardKl, &target(&[0], &[1.0]), &[f32::NAN]).is_err());
         assert_eq!(Loss::parse("jsd:0.3"), Ok(Loss::Jsd { beta: 0.3 }));
         assert!(Loss::parse("jsd:2").is_err() && Loss::parse("l2").is_err());
-        assert!(PositionMask::Rejected.keeps(true) && !PositionMask::Rejected.keeps(false));
+        assert!(PositionMask::Rejected.keeps(false) && !PositionMask::Rejected.keeps(true));
         assert!(PositionMask::All.keeps(false));
     }
 }

@@ -279,9 +279,10 @@ pub async fn run(
         // Verify, failing over to another target if this one dies.
         let t = Instant::now();
         let result = loop {
+            // The sequence's drafter, even on a step it drafted nothing for: what the target captures
+            // there still teaches that drafter.
             let by = drafter
                 .as_ref()
-                .filter(|_| drafted_by_drafter)
                 .map(|d| (d.kind.as_str(), d.version.as_str()));
             match target.step(&history, &drafts, &q, width, by).await {
                 Ok(r) => break r,

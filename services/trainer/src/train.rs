@@ -93,7 +93,7 @@ fn exit_samples(
     let kept: Vec<_> = sample
         .positions
         .iter()
-        .filter(|p| mask.keeps(p.rejected))
+        .filter(|p| mask.keeps(p.draft.is_some() && !p.rejected))
         .collect();
     let Some(upto) = kept.iter().map(|p| p.prefix).max() else {
         return Ok(Vec::new());

@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// One sample in this many is held out for evaluation.
     #[arg(long, env = "SPECD_EVAL_EVERY", default_value_t = 10)]
     pub eval_every: u64,
+    /// Optimizer steps between two held-out evaluations (each may publish).
+    #[arg(long, env = "SPECD_EVAL_STEPS", default_value_t = 20)]
+    pub eval_steps: u64,
     /// Target layers of the self-drafter whose exit adapter is trained (default: --self-layers, else
     /// the preset's). Drafter workers refuse versions trained for another layer count.
     #[arg(long, env = "SPECD_TRAIN_LAYERS")]
@@ -48,7 +51,8 @@ pub struct TrainArgs {
     /// Distillation loss: fkl, rkl, jsd, jsd:BETA or tv.
     #[arg(long, env = "SPECD_TRAIN_LOSS", default_value = "fkl")]
     pub train_loss: String,
-    /// Positions learned from: rejected (where the target corrected the draft; OSD's default) or all.
+    /// Positions learned from: rejected (where the drafter did not supply the target's token: its
+    /// draft was rejected, or it drafted nothing there; OSD's default) or all.
     #[arg(long, env = "SPECD_TRAIN_POSITIONS", default_value = "rejected")]
     pub train_positions: String,
     /// Training steps start only while requests in flight plus waiting, over all routers, are at most
@@ -111,6 +115,7 @@ impl TrainArgs {
                 ..ExitConfig::default()
             },
             mask,
+            eval_every: self.eval_steps.max(1),
             ..TrainConfig::default()
         })
     }
