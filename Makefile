@@ -6,7 +6,7 @@ CARGO ?= cargo
 SPECD := $(CARGO_TARGET_DIR)/release/specd
 PROMPT ?= Write a Python function that checks whether a number is prime.
 
-.PHONY: all setup models build run generate test test-fast bench bench-cluster loadtest lint fmt clean
+.PHONY: all setup models build run generate test test-fast bench bench-cluster loadtest demo-osd lint fmt clean
 
 all: build
 
@@ -52,6 +52,16 @@ bench-cluster: models build
 # Closed-loop load on a fresh `specd up` (or on ADDR=host:port).
 loadtest: models build
 	SPECD=$(SPECD) loadtest/run.sh
+
+# Online distillation on a shifting workload (phase A: Python documentation prose, phase B: CPython
+# standard library code; OSD_PROMPTS_A=FILE / OSD_PROMPTS_B=FILE replace them): acceptance and tok/s
+# per window, osd.svg, one `osd:` summary line.
+OSD_DIR ?= $(HOME)/.cache/specd/osd
+demo-osd: models build
+	@mkdir -p $(OSD_DIR)
+	@python3 scripts/osd-prompts.py $(OSD_DIR)/prompts-a.txt $(OSD_DIR)/prompts-b.txt
+	OSD_PROMPTS_A=$${OSD_PROMPTS_A:-$(OSD_DIR)/prompts-a.txt} OSD_PROMPTS_B=$${OSD_PROMPTS_B:-$(OSD_DIR)/prompts-b.txt} \
+		$(SPECD) demo-osd --model-preset qwen --models-dir models --svg osd.svg $(OSD_ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -30,6 +30,9 @@ pub enum Command {
     Loadtest(crate::loadtest::LoadtestArgs),
     /// Measure the cluster's overhead against the single-process engine on the same prompts.
     BenchCluster(crate::bench_cluster::BenchClusterArgs),
+    /// Show online distillation: a shifting workload through `specd up --trainer`, acceptance and tok/s
+    /// per window, the curve as SVG, one `osd:` summary line.
+    DemoOsd(crate::demo_osd::DemoOsdArgs),
     /// Run a whole cluster in this process (router, drafter and target worker, embedded store).
     Up(crate::serve::UpArgs),
     /// Run a router (public gRPC and OpenAI HTTP APIs); needs --etcd.

@@ -14,6 +14,7 @@
 mod bench;
 mod bench_cluster;
 mod cli;
+mod demo_osd;
 mod generate;
 mod loadtest;
 mod serve;
@@ -53,6 +54,7 @@ fn run_local(command: cli::Command) {
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::BenchCluster(args) => bench_cluster::run(args),
         cli::Command::Loadtest(args) => loadtest::run(args),
+        cli::Command::DemoOsd(args) => demo_osd::run(args),
         cli::Command::Models(cli::ModelsCommand::Fetch(args)) => cli::fetch_models(args),
         cli::Command::Up(_)
         | cli::Command::Router(_)

@@ -1,6 +1,7 @@
 //! The `Trainer` gRPC service and the trainer's leadership.
 //!
-//! `SubmitSamples` validates each sample and files it in the replay buffer; what it cannot take (not
+//! `FetchWeights` streams a published version's file from the weight store (the live one when no version
+//! is named). `SubmitSamples` validates each sample and files it in the replay buffer; what it cannot take (not
 //! the leader, malformed, another model) is dropped and counted, both in the ack and in
 //! `specd_trainer_samples_total{outcome, reason}`: a sender never waits on the trainer's judgement.
 //! The buffer sits behind a `std::sync::Mutex`: it is touched for microseconds per sample and never

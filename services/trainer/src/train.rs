@@ -66,6 +66,11 @@ impl Default for TrainConfig {
 const ROUND: usize = 16;
 /// Pause while there is nothing to do (not leading, busy, nothing new).
 const PAUSE: Duration = Duration::from_millis(100);
+/// Times each new position may be replayed, in all, while nothing new arrives (a few epochs over recent
+/// traffic; the gate, on held-out samples, decides whether it helped).
+const REPLAY_FACTOR: usize = 4;
+/// Most positions kept for replay (newest kept).
+const REPLAY_POSITIONS: usize = 16_384;
 /// How often the live version is checked for a rollback.
 const WATCH: Duration = Duration::from_secs(1);
 
@@ -139,6 +144,12 @@ struct Term {
     live: ExitTrainer,
     trained_upto: u64,
     pending: Vec<ExitSample>,
+    /// Positions already trained on once, kept for replay while there is nothing new.
+    replay: std::collections::VecDeque<Arc<ExitSample>>,
+    /// Replayed positions still allowed (each new position adds `REPLAY_FACTOR`).
+    replay_credit: usize,
+    /// Position of the replay cursor.
+    replay_at: usize,
 }
 
 impl Term {
@@ -183,7 +194,28 @@ impl Term {
             live: base,
             trained_upto: 0,
             pending: Vec::new(),
+            replay: std::collections::VecDeque::new(),
+            replay_credit: 0,
+            replay_at: 0,
         })
+    }
+
+    /// A replay batch: positions trained before, walked in a stride that visits all of them, while the
+    /// credit lasts.
+    fn replay_batch(&mut self, batch: usize) -> Option<Vec<ExitSample>> {
+        if self.replay_credit < batch || self.replay.len() < batch {
+            return None;
+        }
+        self.replay_credit -= batch;
+        let n = self.replay.len();
+        let out = (0..batch)
+            .map(|_| {
+                // A stride coprime to most lengths mixes positions of different samples.
+                self.replay_at = (self.replay_at + 7919) % n;
+                (*self.replay[self.replay_at]).clone()
+            })
+            .collect();
+        Some(out)
     }
 }
 
@@ -243,7 +275,12 @@ fn run(
             new.reverse();
             new.truncate(ROUND);
             if new.is_empty() {
-                std::thread::sleep(PAUSE);
+                match t.replay_batch(batch) {
+                    Some(chunk) => {
+                        train_step(drafter, cfg, shared, t, publishing, chunk, "replay")?;
+                    }
+                    None => std::thread::sleep(PAUSE),
+                }
                 continue;
             }
             t.trained_upto = new.iter().map(|s| s.seq).max().unwrap_or(t.trained_upto);
@@ -253,22 +290,45 @@ fn run(
             continue;
         }
         let chunk: Vec<ExitSample> = t.pending.drain(..batch).collect();
-        let t0 = Instant::now();
-        let loss = t.trainer.step(&chunk)?;
-        let took = t0.elapsed().as_secs_f64();
-        metrics::histogram!("specd_trainer_step_seconds").record(took);
-        metrics::counter!("specd_trainer_steps_total").increment(1);
-        metrics::counter!("specd_trainer_positions_total").increment(chunk.len() as u64);
-        metrics::gauge!("specd_trainer_loss").set(loss);
-        let steps = {
-            let mut st = lock(&shared.status);
-            st.steps += 1;
-            st.last_loss = loss;
-            st.steps
-        };
-        if steps % cfg.eval_every.max(1) == 0 || steps == 1 {
-            evaluate(drafter, cfg, shared, t, publishing)?;
+        t.replay_credit += chunk.len() * REPLAY_FACTOR;
+        for x in &chunk {
+            t.replay.push_back(Arc::new(x.clone()));
         }
+        while t.replay.len() > REPLAY_POSITIONS {
+            t.replay.pop_front();
+        }
+        t.replay_credit = t.replay_credit.min(t.replay.len() * REPLAY_FACTOR);
+        train_step(drafter, cfg, shared, t, publishing, chunk, "new")?;
+    }
+    Ok(())
+}
+
+/// One optimizer step on `chunk`, then an evaluation when one is due.
+fn train_step(
+    drafter: &Model,
+    cfg: &TrainConfig,
+    shared: &Shared,
+    t: &mut Term,
+    publishing: Option<&Publishing>,
+    chunk: Vec<ExitSample>,
+    source: &'static str,
+) -> Result<(), specd_engine::EngineError> {
+    let t0 = Instant::now();
+    let loss = t.trainer.step(&chunk)?;
+    let took = t0.elapsed().as_secs_f64();
+    metrics::histogram!("specd_trainer_step_seconds").record(took);
+    metrics::counter!("specd_trainer_steps_total", "source" => source).increment(1);
+    metrics::counter!("specd_trainer_positions_total", "source" => source)
+        .increment(chunk.len() as u64);
+    metrics::gauge!("specd_trainer_loss").set(loss);
+    let steps = {
+        let mut st = lock(&shared.status);
+        st.steps += 1;
+        st.last_loss = loss;
+        st.steps
+    };
+    if steps % cfg.eval_every.max(1) == 0 || steps == 1 {
+        evaluate(drafter, cfg, shared, t, publishing)?;
     }
     Ok(())
 }
