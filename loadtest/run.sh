@@ -12,7 +12,9 @@ if [ -z "${ADDR:-}" ]; then
   log=$(mktemp)
   port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
   GRPC=127.0.0.1:$(port); HTTP=127.0.0.1:$(port)
-  "$SPECD" up --model-preset "$MODEL_PRESET" --grpc-addr "$GRPC" --http-addr "$HTTP" >"$log" 2>&1 &
+  # UP_ARGS: extra arguments for `specd up` (for example "--trainer --sample-rate 1").
+  # shellcheck disable=SC2086
+  "$SPECD" up --model-preset "$MODEL_PRESET" --grpc-addr "$GRPC" --http-addr "$HTTP" ${UP_ARGS:-} >"$log" 2>&1 &
   pid=$!
   trap 'kill -INT $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -f "$log"' EXIT
   for _ in $(seq 1 120); do

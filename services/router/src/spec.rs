@@ -123,8 +123,10 @@ struct KindCosts {
     propose_ms: Option<f64>,
 }
 
-/// Adaptive-k state is kept per (drafter kind, max k, pinned k).
-type ControllerKey = (String, usize, Option<usize>);
+/// Adaptive-k state is kept per (drafter kind, weights version, max k, pinned k): a newly swapped-in
+/// version starts from the prior, so a drafter the controller had switched off is tried again once it
+/// has been retrained.
+type ControllerKey = (String, String, usize, Option<usize>);
 
 /// What the router learns across requests: costs per drafter kind and the adaptive-k state.
 #[derive(Debug, Default)]
@@ -189,7 +191,11 @@ pub async fn run(
             costs: CostModel::new(max_k),
             propose_ms: None,
         });
-    let ckey = (kind.clone(), max_k, req.draft_len);
+    let version = drafter
+        .as_ref()
+        .map(|d| d.version.clone())
+        .unwrap_or_default();
+    let ckey = (kind.clone(), version, max_k, req.draft_len);
     let mut controller = match lock(&learned.controllers).remove(&ckey) {
         Some(c) if !seeded => c,
         _ => SpecLenController::new(max_k, req.draft_len),

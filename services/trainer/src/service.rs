@@ -42,6 +42,9 @@ pub struct TrainingStatus {
     pub live_version: u64,
     pub publishes: u64,
     pub rollbacks: u64,
+    /// Positions trained on (new and replayed) and the seconds the optimizer steps took.
+    pub trained_positions: u64,
+    pub trained_seconds: f64,
 }
 
 /// What the trainer trains for.

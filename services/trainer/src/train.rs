@@ -325,6 +325,8 @@ fn train_step(
         let mut st = lock(&shared.status);
         st.steps += 1;
         st.last_loss = loss;
+        st.trained_positions += chunk.len() as u64;
+        st.trained_seconds += took;
         st.steps
     };
     if steps % cfg.eval_every.max(1) == 0 || steps == 1 {
@@ -366,15 +368,19 @@ fn evaluate(
     metrics::gauge!("specd_trainer_gate_acceptance", "version" => "live").set(figures.live);
     metrics::gauge!("specd_trainer_gate_acceptance", "version" => "candidate")
         .set(figures.candidate);
-    {
+    let (steps, rate) = {
         let mut st = lock(&shared.status);
         st.acceptance_live = figures.live;
         st.acceptance_candidate = figures.candidate;
-    }
+        let rate = st.trained_positions as f64 / st.trained_seconds.max(1e-9);
+        (st.steps, rate)
+    };
     tracing::info!(
         live = figures.live,
         candidate = figures.candidate,
         positions = figures.positions,
+        steps,
+        trained_positions_per_s = rate as u64,
         "held-out expected acceptance"
     );
     let Some(p) = publishing else {
