@@ -1630,3 +1630,46 @@ async fn a_distilled_drafter_is_published_and_hot_swapped_under_traffic_without_
         live.version, live.gate_live, live.gate_candidate
     );
 }
+
+/// Load beyond capacity waits instead of failing: a target of 2 slots, 12 concurrent clients; every
+/// request is answered (admitted requests wait for a freed slot) with plain greedy output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_clients_than_target_slots_wait_and_all_succeed() {
+    let dir = temp_dir();
+    let path = write_tiny(dir.path(), &tiny_spec(Family::Qwen2, 21));
+    let model = load_gguf(&path).expect("tiny model");
+    let sel = ModelSel {
+        args: vec![
+            "--model-preset".into(),
+            "smollm".into(),
+            "--model".into(),
+            path.display().to_string(),
+            "--self-layers".into(),
+            "1".into(),
+        ],
+        kinds: "self,ngram",
+    };
+    let Some(c) = Cluster::start_with(sel, &[], &[], &["--capacity", "2"]).await else {
+        return;
+    };
+    let want = reference(&model, PROMPTS[0], 24);
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let mut client = c.client().await;
+        let drafter = ["none", "ngram", "self"][i % 3];
+        tasks.push(tokio::spawn(async move {
+            client
+                .generate(request(PROMPTS[0], 24, drafter))
+                .await
+                .map(|r| r.into_inner().token_ids)
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = tokio::time::timeout(WAIT, t)
+            .await
+            .expect("no hang")
+            .expect("task")
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", c.logs()));
+        assert_eq!(got, want, "request {i}");
+    }
+}

@@ -257,6 +257,18 @@ impl SpecLenController {
         }
     }
 
+    /// The controller for a new weights version of the same drafter: the acceptance statistics carry
+    /// over (the new version is trained from this one), and the next choice of 0 is a probe, so a
+    /// drafter that had been switched off is measured again at once instead of after up to
+    /// `MAX_PROBE_EVERY` steps.
+    pub fn for_new_version(&self) -> Self {
+        Self {
+            zero_streak: PROBE_EVERY.saturating_sub(1),
+            probe_every: PROBE_EVERY,
+            ..self.clone()
+        }
+    }
+
     /// Largest `k` this controller returns.
     pub fn max_k(&self) -> usize {
         self.max_k
@@ -337,6 +349,32 @@ impl SpecLenController {
 #[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_version_keeps_the_estimate_and_probes_at_once() {
+        let mut costs = CostModel::new(8);
+        for _ in 0..20 {
+            costs.record_draft(1, 30.0);
+            costs.record_verify(1, 10.0);
+            costs.record_verify(2, 11.0);
+        }
+        let mut c = SpecLenController::new(8, None);
+        for _ in 0..40 {
+            c.record(2, 0);
+        }
+        // Switched off, and probing ever more rarely.
+        for _ in 0..100 {
+            c.choose(&costs);
+        }
+        let fresh = c.for_new_version();
+        assert_eq!(fresh.alpha(), c.alpha());
+        let mut fresh = fresh;
+        assert_eq!(
+            fresh.choose(&costs),
+            PROBE_K.min(8),
+            "the first zero choice is a probe"
+        );
+    }
     use crate::sampling::Sampler;
     use proptest::prelude::*;
 

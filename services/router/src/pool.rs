@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use specd_coord::{keys, InstanceRecord, Record, Role, Store, WatchEvent};
 use specd_service::grpc::Keepalive;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tonic::transport::Channel;
 
 /// How long a worker that failed a call is left out of placement (unless it re-registers).
@@ -68,23 +68,42 @@ impl Worker {
     }
 }
 
-/// A sequence placed on a worker; dropping it releases the router's count.
+/// A sequence placed on a worker; dropping it releases the router's count and wakes requests waiting
+/// for a slot.
 #[derive(Debug)]
 pub struct Lease {
     pub worker: Arc<Worker>,
+    freed: Arc<Notify>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.worker.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_waiters();
     }
 }
+
+/// The outcome of waiting for a slot.
+#[derive(Debug)]
+pub enum Placed {
+    Placed(Lease),
+    /// No worker matches at all (none registered, all ejected or excluded).
+    NoWorker,
+    /// Workers match but none had a free slot within the wait.
+    Full,
+}
+
+/// How often a waiting placement looks again even without a wake-up (a worker's published load can
+/// fall without any lease of this router being dropped).
+const RECHECK: Duration = Duration::from_millis(250);
 
 /// The live set of workers.
 #[derive(Clone, Debug, Default)]
 pub struct Pool {
     workers: Arc<RwLock<HashMap<String, Arc<Worker>>>>,
     changed: Arc<watch::Sender<u64>>,
+    /// Notified whenever a lease is dropped.
+    freed: Arc<Notify>,
     /// Keepalive of the channels to workers.
     keepalive: Keepalive,
 }
@@ -254,10 +273,9 @@ impl Pool {
         }
     }
 
-    /// Places a sequence on a worker of `role`, or `None` when no worker matches or all are full.
-    pub fn place(&self, role: Role, want: &Want<'_>) -> Option<Lease> {
-        let workers = self.read();
-        let candidates: Vec<&Arc<Worker>> = workers
+    /// The workers of `role` that match `want`, full ones included or not.
+    fn candidates(&self, role: Role, want: &Want<'_>, include_full: bool) -> Vec<Arc<Worker>> {
+        self.read()
             .values()
             .filter(|w| w.record.role == role)
             .filter(|w| w.record.tokenizer_fingerprint == want.fingerprint)
@@ -266,26 +284,58 @@ impl Pool {
                 _ => true,
             })
             .filter(|w| !want.exclude.contains(&w.record.id))
-            .filter(|w| !w.is_ejected() && !w.is_full())
-            .collect();
+            .filter(|w| !w.is_ejected() && (include_full || !w.is_full()))
+            .cloned()
+            .collect()
+    }
+
+    /// Places a sequence on a worker of `role`, or `None` when no worker matches or all are full.
+    pub fn place(&self, role: Role, want: &Want<'_>) -> Option<Lease> {
+        let candidates = self.candidates(role, want, false);
         let chosen = match want.session {
             Some(s) if !s.is_empty() => candidates
                 .iter()
-                .max_by_key(|w| rendezvous(s, &w.record.id))
-                .copied(),
-            _ => candidates
-                .iter()
-                .min_by(|a, b| {
-                    a.load()
-                        .total_cmp(&b.load())
-                        .then_with(|| a.record.id.cmp(&b.record.id))
-                })
-                .copied(),
+                .max_by_key(|w| rendezvous(s, &w.record.id)),
+            _ => candidates.iter().min_by(|a, b| {
+                a.load()
+                    .total_cmp(&b.load())
+                    .then_with(|| a.record.id.cmp(&b.record.id))
+            }),
         }?;
         chosen.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(Lease {
             worker: Arc::clone(chosen),
+            freed: Arc::clone(&self.freed),
         })
+    }
+
+    /// Places a sequence, waiting up to `wait` for a slot while matching workers are all full; answers
+    /// at once when no worker matches at all.
+    pub async fn place_wait(&self, role: Role, want: &Want<'_>, wait: Duration) -> Placed {
+        let end = tokio::time::Instant::now() + wait;
+        let mut changed = self.subscribe();
+        loop {
+            // Registered before looking, so a slot freed in between is not missed.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(lease) = self.place(role, want) {
+                return Placed::Placed(lease);
+            }
+            if self.candidates(role, want, true).is_empty() {
+                return Placed::NoWorker;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= end {
+                return Placed::Full;
+            }
+            let nap = (end - now).min(RECHECK);
+            tokio::select! {
+                _ = &mut freed => {}
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use specd_proto::internal::v1 as pb;
 use tonic::Status;
 
 use crate::conn::{ConnError, DrafterConn, TargetConn};
-use crate::pool::{Lease, Pool, Want};
+use crate::pool::{Lease, Placed, Pool, Want};
 
 /// Knobs of the loop.
 #[derive(Clone, Debug)]
@@ -35,6 +35,9 @@ pub struct SpecConfig {
     pub target_timeout: Duration,
     /// Targets tried per request before giving up with UNAVAILABLE.
     pub max_target_attempts: usize,
+    /// How long an admitted request waits for a free target slot when every target is full (within
+    /// its deadline) before RESOURCE_EXHAUSTED.
+    pub placement_wait: Duration,
     /// Drafters tried per request before going on target-only.
     pub max_drafter_attempts: usize,
     /// Kind used for `drafter: auto`.
@@ -49,6 +52,7 @@ impl Default for SpecConfig {
             drafter_open_timeout: Duration::from_secs(60),
             target_timeout: Duration::from_secs(120),
             max_target_attempts: 3,
+            placement_wait: Duration::from_secs(60),
             max_drafter_attempts: 2,
             auto_kind: "auto".into(),
         }
@@ -124,8 +128,8 @@ struct KindCosts {
 }
 
 /// Adaptive-k state is kept per (drafter kind, weights version, max k, pinned k): a newly swapped-in
-/// version starts from the prior, so a drafter the controller had switched off is tried again once it
-/// has been retrained.
+/// version starts from the state of the version it replaced with a probe due at once, so a drafter the
+/// controller had switched off is measured again as soon as it has been retrained.
 type ControllerKey = (String, String, usize, Option<usize>);
 
 /// What the router learns across requests: costs per drafter kind and the adaptive-k state.
@@ -196,9 +200,26 @@ pub async fn run(
         .map(|d| d.version.clone())
         .unwrap_or_default();
     let ckey = (kind.clone(), version, max_k, req.draft_len);
-    let mut controller = match lock(&learned.controllers).remove(&ckey) {
-        Some(c) if !seeded => c,
-        _ => SpecLenController::new(max_k, req.draft_len),
+    let mut controller = {
+        let mut all = lock(&learned.controllers);
+        match all.remove(&ckey) {
+            Some(c) if !seeded => c,
+            Some(_) => SpecLenController::new(max_k, req.draft_len),
+            None if seeded => SpecLenController::new(max_k, req.draft_len),
+            None => {
+                // A version not seen yet: start from the state of the version it replaced.
+                let older = all
+                    .keys()
+                    .find(|(k, v, m, pin)| {
+                        *k == ckey.0 && *v != ckey.1 && *m == ckey.2 && *pin == ckey.3
+                    })
+                    .cloned();
+                match older.and_then(|o| all.remove(&o)) {
+                    Some(c) => c.for_new_version(),
+                    None => SpecLenController::new(max_k, req.draft_len),
+                }
+            }
+        }
     };
     let mut feedback: Option<pb::StepFeedback> = None;
     // The target's cost of one more verified row at its batch size, from its latest answer (`None`
@@ -396,19 +417,25 @@ impl Attempts {
 
     /// Opens a sequence on the best worker that matches, trying the next one when it fails; `None`
     /// when no worker is left (or the attempts are used up), an error when the request itself is
-    /// invalid.
+    /// invalid. With `wait`, a request that finds every matching worker full waits that long for a
+    /// slot (freed slots go to waiters as they come) and is RESOURCE_EXHAUSTED after it; without, it
+    /// goes on without one.
+    #[allow(clippy::too_many_arguments)]
     async fn open<C, F, Fut>(
         &mut self,
         pool: &Pool,
         req: &GenRequest,
         fingerprint: &str,
         kind: Option<&str>,
+        wait: Option<Duration>,
         mut open: F,
     ) -> Result<Option<C>, Status>
     where
         F: FnMut(Lease, SamplingParams) -> Fut,
         Fut: std::future::Future<Output = Result<C, ConnError>>,
     {
+        let wait_end = wait.map(|w| Instant::now() + w);
+        let mut busy_nap = Duration::from_millis(20);
         while self.failed.len() < self.max {
             let want = Want {
                 fingerprint,
@@ -416,7 +443,27 @@ impl Attempts {
                 session: req.session.as_deref(),
                 exclude: &self.failed,
             };
-            let Some(lease) = pool.place(self.role, &want) else {
+            let lease = match wait {
+                None => pool.place(self.role, &want),
+                Some(wait) => {
+                    let t0 = Instant::now();
+                    let left = wait_end.map_or(wait, |e| e.saturating_duration_since(t0));
+                    let placed = pool.place_wait(self.role, &want, left).await;
+                    metrics::histogram!("specd_placement_wait_seconds", "role" => self.role.as_str())
+                        .record(t0.elapsed().as_secs_f64());
+                    match placed {
+                        Placed::Placed(l) => Some(l),
+                        Placed::NoWorker => None,
+                        Placed::Full => {
+                            return Err(Status::resource_exhausted(format!(
+                                "every {} worker stayed full for {wait:?}; retry later",
+                                self.role
+                            )))
+                        }
+                    }
+                }
+            };
+            let Some(lease) = lease else {
                 return Ok(None);
             };
             let id = lease.worker.id().to_string();
@@ -425,6 +472,16 @@ impl Attempts {
             match open(lease, params).await {
                 Ok(c) => return Ok(Some(c)),
                 Err(ConnError::Invalid(s)) => return Err(s),
+                // Full by its own count while this router saw a free slot (its slot frees when the
+                // previous stream has closed, or another router holds slots): place again shortly,
+                // without holding it against the worker.
+                Err(ConnError::Busy(s))
+                    if s.code() == tonic::Code::ResourceExhausted
+                        && wait_end.is_some_and(|e| Instant::now() < e) =>
+                {
+                    tokio::time::sleep(busy_nap).await;
+                    busy_nap = (busy_nap * 2).min(Duration::from_millis(500));
+                }
                 Err(e) => self.failed(pool, req, id, &e, "worker refused or failed to open"),
             }
         }
@@ -441,17 +498,24 @@ async fn open_target(
     attempts: &mut Attempts,
 ) -> Result<TargetConn, Status> {
     let opened = attempts
-        .open(pool, req, fingerprint, None, |lease, params| async move {
-            TargetConn::open(
-                lease,
-                &req.request_id,
-                history,
-                &params,
-                cfg.target_timeout,
-                req.deadline,
-            )
-            .await
-        })
+        .open(
+            pool,
+            req,
+            fingerprint,
+            None,
+            Some(cfg.placement_wait),
+            |lease, params| async move {
+                TargetConn::open(
+                    lease,
+                    &req.request_id,
+                    history,
+                    &params,
+                    cfg.target_timeout,
+                    req.deadline,
+                )
+                .await
+            },
+        )
         .await?;
     opened.ok_or_else(|| {
         Status::unavailable(if attempts.failed.is_empty() {
@@ -480,6 +544,7 @@ async fn open_drafter(
             req,
             fingerprint,
             Some(kind),
+            None,
             |lease, params| async move {
                 DrafterConn::open(
                     lease,

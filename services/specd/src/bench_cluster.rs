@@ -127,6 +127,7 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
             max_draft_len: 8,
             drafter_timeout_ms: 5000,
             target_timeout_ms: 120_000,
+            placement_wait_secs: 60,
             max_prompt_bytes: specd_router::core::DEFAULT_MAX_PROMPT_BYTES,
         };
         let r = serve::start_router(&args.model, &service, &opts, store, shutdown.clone()).await?;

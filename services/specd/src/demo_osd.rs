@@ -61,7 +61,7 @@ pub struct DemoOsdArgs {
     /// Where the curve is drawn.
     #[arg(long, default_value = "osd.svg")]
     pub svg: PathBuf,
-    /// Extra arguments for `specd up` (space-separated), e.g. "--train-rank 32".
+    /// Extra arguments for `specd up` (space-separated), e.g. `--up-args="--train-rank 32"`.
     #[arg(long, default_value = "")]
     pub up_args: String,
 }

@@ -202,6 +202,10 @@ pub struct RouterOpts {
     /// treated as failed (a long prompt gets as long as its prefill keeps progressing).
     #[arg(long, env = "SPECD_TARGET_TIMEOUT_MS", default_value_t = 120_000)]
     pub target_timeout_ms: u64,
+    /// How long an admitted request waits for a free target slot when every target is full (within
+    /// its deadline) before RESOURCE_EXHAUSTED; UNAVAILABLE is only for no target at all.
+    #[arg(long, env = "SPECD_PLACEMENT_WAIT_SECS", default_value_t = 60)]
+    pub placement_wait_secs: u64,
     /// Largest prompt (or sum of chat contents) in bytes; larger requests are INVALID_ARGUMENT before
     /// anything is tokenized.
     #[arg(long, env = "SPECD_MAX_PROMPT_BYTES", default_value_t = specd_router::core::DEFAULT_MAX_PROMPT_BYTES)]
@@ -522,6 +526,7 @@ pub(crate) async fn start_router(
     cfg.spec.max_draft_len = opts.max_draft_len.max(1);
     cfg.spec.drafter_timeout = Duration::from_millis(opts.drafter_timeout_ms.max(1));
     cfg.spec.target_timeout = Duration::from_millis(opts.target_timeout_ms.max(1));
+    cfg.spec.placement_wait = Duration::from_secs(opts.placement_wait_secs);
     let pool = Pool::with_keepalive(args.keepalive());
     pool.follow(store.clone(), shutdown.clone())
         .await
