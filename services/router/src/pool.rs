@@ -104,6 +104,11 @@ pub struct Pool {
     changed: Arc<watch::Sender<u64>>,
     /// Notified whenever a lease is dropped.
     freed: Arc<Notify>,
+    /// Requests waiting for a slot pass through this one at a time, in arrival order (tokio's mutex is
+    /// fair), so freed slots go to the longest waiter; `waiting` counts them, and while any waits a
+    /// newcomer queues behind them instead of taking the next free slot.
+    turnstile: Arc<tokio::sync::Mutex<()>>,
+    waiting: Arc<AtomicU32>,
     /// Keepalive of the channels to workers.
     keepalive: Keepalive,
 }
@@ -309,10 +314,23 @@ impl Pool {
         })
     }
 
-    /// Places a sequence, waiting up to `wait` for a slot while matching workers are all full; answers
-    /// at once when no worker matches at all.
+    /// Places a sequence, waiting up to `wait` for a slot while matching workers are all full (first
+    /// come, first served); answers at once when no worker matches at all.
     pub async fn place_wait(&self, role: Role, want: &Want<'_>, wait: Duration) -> Placed {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            if let Some(lease) = self.place(role, want) {
+                return Placed::Placed(lease);
+            }
+        }
+        if self.candidates(role, want, true).is_empty() {
+            return Placed::NoWorker;
+        }
         let end = tokio::time::Instant::now() + wait;
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Decrement(Arc::clone(&self.waiting));
+        let Ok(_turn) = tokio::time::timeout_at(end, self.turnstile.lock()).await else {
+            return Placed::Full;
+        };
         let mut changed = self.subscribe();
         loop {
             // Registered before looking, so a slot freed in between is not missed.
@@ -336,6 +354,15 @@ impl Pool {
                 _ = tokio::time::sleep(nap) => {}
             }
         }
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Decrement(Arc<AtomicU32>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -371,6 +398,82 @@ mod tests {
             pool.put(&r.key(), &r.encode().expect("encode"));
         }
         pool
+    }
+
+    #[tokio::test]
+    async fn waiting_placements_get_freed_slots_first_come_first_served() {
+        let pool = pool_with(&[record(Role::Target, "a", 1, 0)]);
+        let want = Want {
+            fingerprint: "fp",
+            ..Want::default()
+        };
+        let held = pool.place(Role::Target, &want).expect("placed");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for i in 0..3 {
+            let (pool, tx) = (pool.clone(), tx.clone());
+            waiters.push(tokio::spawn(async move {
+                let want = Want {
+                    fingerprint: "fp",
+                    ..Want::default()
+                };
+                match pool
+                    .place_wait(Role::Target, &want, Duration::from_secs(10))
+                    .await
+                {
+                    Placed::Placed(lease) => {
+                        tx.send(i).expect("send");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        drop(lease);
+                    }
+                    other => panic!("waiter {i}: {other:?}"),
+                }
+            }));
+            // Arrival order is the order they queue in.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A newcomer while others wait queues behind them rather than taking the next slot.
+        let late = {
+            let (pool, tx) = (pool.clone(), tx.clone());
+            tokio::spawn(async move {
+                let want = Want {
+                    fingerprint: "fp",
+                    ..Want::default()
+                };
+                let placed = matches!(
+                    pool.place_wait(Role::Target, &want, Duration::from_secs(10))
+                        .await,
+                    Placed::Placed(_)
+                );
+                tx.send(9).expect("send");
+                placed
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        for w in waiters {
+            w.await.expect("waiter");
+        }
+        assert!(late.await.expect("late"));
+        let order: Vec<i32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(order, vec![0, 1, 2, 9]);
+        // Nobody holds a slot now; a full worker times out as Full, no worker at all is NoWorker.
+        let held = pool.place(Role::Target, &want).expect("placed");
+        assert!(matches!(
+            pool.place_wait(Role::Target, &want, Duration::from_millis(50))
+                .await,
+            Placed::Full
+        ));
+        drop(held);
+        let other = Want {
+            fingerprint: "another",
+            ..Want::default()
+        };
+        assert!(matches!(
+            pool.place_wait(Role::Target, &other, Duration::from_secs(10))
+                .await,
+            Placed::NoWorker
+        ));
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -594,14 +594,27 @@ pub(crate) async fn start_router(
     let store = store.clone();
     let router_out = Arc::clone(&router);
     let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Looked at every 50 ms, written once a second, and at once when an idle router gets work:
+        // the trainer trains only while the cluster is idle and must hear of the first request
+        // without waiting for the next periodic report.
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut last = u32::MAX;
+        let mut reported: Option<(Instant, bool)> = None;
         loop {
             tokio::select! {
                 _ = shutdown.wait() => break,
                 _ = tick.tick() => {
                     let (running, waiting) = (load_router.admission.running(), load_router.admission.waiting());
                     let now = (running + waiting) as u32;
+                    let busy = now > 0;
+                    let due = match reported {
+                        None => true,
+                        Some((at, was_busy)) => at.elapsed() >= Duration::from_secs(1) || (busy && !was_busy),
+                    };
+                    if !due {
+                        continue;
+                    }
+                    reported = Some((Instant::now(), busy));
                     if now != last && registration.update(now).await.is_ok() {
                         last = now;
                     }
