@@ -277,15 +277,20 @@ fn run(
             if new.is_empty() {
                 match t.replay_batch(batch) {
                     Some(chunk) => {
-                        train_step(drafter, cfg, shared, t, publishing, chunk, "replay")?;
+                        train_step(drafter, cfg, shared, gate, t, publishing, chunk, "replay")?;
                     }
                     None => std::thread::sleep(PAUSE),
                 }
                 continue;
             }
-            t.trained_upto = new.iter().map(|s| s.seq).max().unwrap_or(t.trained_upto);
+            // One sample's exit states at a time, the gate checked before each: a request arriving
+            // mid-round waits for one short forward at most, and what is left is taken up later.
             for s in &new {
+                if !gate.may_train() {
+                    break;
+                }
                 t.pending.extend(exit_samples(drafter, s, cfg.mask)?);
+                t.trained_upto = s.seq;
             }
             continue;
         }
@@ -298,16 +303,18 @@ fn run(
             t.replay.pop_front();
         }
         t.replay_credit = t.replay_credit.min(t.replay.len() * REPLAY_FACTOR);
-        train_step(drafter, cfg, shared, t, publishing, chunk, "new")?;
+        train_step(drafter, cfg, shared, gate, t, publishing, chunk, "new")?;
     }
     Ok(())
 }
 
 /// One optimizer step on `chunk`, then an evaluation when one is due.
+#[allow(clippy::too_many_arguments)]
 fn train_step(
     drafter: &Model,
     cfg: &TrainConfig,
     shared: &Shared,
+    gate: &IdleGate,
     t: &mut Term,
     publishing: Option<&Publishing>,
     chunk: Vec<ExitSample>,
@@ -330,7 +337,7 @@ fn train_step(
         st.steps
     };
     if steps % cfg.eval_every.max(1) == 0 || steps == 1 {
-        evaluate(drafter, cfg, shared, t, publishing)?;
+        evaluate(drafter, cfg, shared, gate, t, publishing)?;
     }
     Ok(())
 }
@@ -341,6 +348,7 @@ fn evaluate(
     drafter: &Model,
     cfg: &TrainConfig,
     shared: &Shared,
+    gate: &IdleGate,
     t: &mut Term,
     publishing: Option<&Publishing>,
 ) -> Result<(), specd_engine::EngineError> {
@@ -352,6 +360,10 @@ fn evaluate(
     for s in &held {
         if eval.len() >= cfg.eval_positions {
             break;
+        }
+        if !gate.may_train() {
+            // Load arrived: this evaluation is given up (the next one comes after more steps).
+            return Ok(());
         }
         eval.extend(exit_samples(drafter, s, PositionMask::All)?);
     }
@@ -552,6 +564,20 @@ mod tests {
             );
         }
 
+        /// A router reports load; returns once the gate has seen it.
+        async fn make_busy(&self) {
+            let busy = LoadReport {
+                router: "r".into(),
+                in_flight: 3,
+                queue: 0,
+                at: 0,
+            };
+            self.store.put_record(&busy, None).await.unwrap();
+            while self.gate.may_train() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
         fn status(&self) -> TrainingStatus {
             lock(&self.svc.training_handle()).clone()
         }
@@ -611,21 +637,7 @@ mod tests {
         assert!(after > before, "published {before} -> {after}");
 
         // Load appears: no step starts once the gate has seen it.
-        rig.store
-            .put_record(
-                &LoadReport {
-                    router: "r".into(),
-                    in_flight: 3,
-                    queue: 0,
-                    at: 0,
-                },
-                None,
-            )
-            .await
-            .unwrap();
-        while rig.gate.may_train() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        rig.make_busy().await;
         // At most the step already under way finishes.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let frozen = rig.status().steps;
@@ -684,21 +696,7 @@ mod tests {
             .await;
         // The cluster gets busy (no more steps, so no more publishes); the live version is still
         // watched. Live traffic says it drafts far worse than its parent did.
-        rig.store
-            .put_record(
-                &LoadReport {
-                    router: "r".into(),
-                    in_flight: 3,
-                    queue: 0,
-                    at: 0,
-                },
-                None,
-            )
-            .await
-            .unwrap();
-        while rig.gate.may_train() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        rig.make_busy().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (live, _) = rig.publisher.current().await.unwrap().unwrap();
         let counts = rig.svc.live_counts();
