@@ -3,7 +3,8 @@
 //! `GET /metrics`.
 //!
 //! Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status of
-//! the gRPC code: INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503,
+//! the gRPC code: INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429, UNAVAILABLE 503 (both with
+//! `Retry-After: 1`),
 //! DEADLINE_EXCEEDED 504. specd's own knobs ride along as extra fields (`top_k`, `drafter`, `draft_len`,
 //! `session_id`, `request_id`); parameters specd cannot honour (n > 1, logprobs, penalties, ...) are
 //! refused with 400 rather than silently ignored.
@@ -87,9 +88,23 @@ fn error_body(s: &Status) -> Value {
     json!({"error": {"message": s.message(), "type": kind, "param": param, "code": crate::core::code_name(s.code())}})
 }
 
+/// Seconds a client is asked to wait before retrying a 429 or a 503 (`Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (http_status(self.0.code()), Json(error_body(&self.0))).into_response()
+        let status = http_status(self.0.code());
+        let mut r = (status, Json(error_body(&self.0))).into_response();
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+            );
+        }
+        r
     }
 }
 
@@ -531,4 +546,20 @@ async fn health(State(router): State<Arc<Router>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_and_unavailability_say_when_to_retry() {
+        let r = ApiError(Status::resource_exhausted("full")).into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+        let r = ApiError(Status::unavailable("draining")).into_response();
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+        let r = ApiError(Status::invalid_argument("temperature: bad")).into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
+    }
 }
