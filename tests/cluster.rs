@@ -395,6 +395,21 @@ fn smollm() -> Option<(ModelSel, LoadedModel)> {
     Some((sel, model))
 }
 
+/// A cluster of a tiny random model file, its self-drafter one layer deep.
+fn tiny_sel(path: &Path) -> ModelSel {
+    ModelSel {
+        args: vec![
+            "--model-preset".into(),
+            "smollm".into(),
+            "--model".into(),
+            path.display().to_string(),
+            "--self-layers".into(),
+            "1".into(),
+        ],
+        kinds: "self,ngram",
+    }
+}
+
 const PROMPTS: &[&str] = &[
     "def quicksort(arr):\n    if len(arr) <= 1:\n        return arr\n",
     "The three primary colors are",
@@ -426,17 +441,7 @@ async fn cluster_greedy_equals_plain_decoding_tiny_models() {
     for (i, family) in [Family::Llama, Family::Qwen2].into_iter().enumerate() {
         let path = write_tiny(dir.path(), &tiny_spec(family, 11 + i as u64));
         let model = load_gguf(&path).expect("tiny model");
-        let sel = ModelSel {
-            args: vec![
-                "--model-preset".into(),
-                "smollm".into(),
-                "--model".into(),
-                path.display().to_string(),
-                "--self-layers".into(),
-                "1".into(),
-            ],
-            kinds: "self,ngram",
-        };
+        let sel = tiny_sel(&path);
         let Some(c) = Cluster::start(sel, &[]).await else {
             return;
         };
@@ -1638,17 +1643,7 @@ async fn more_clients_than_target_slots_wait_and_all_succeed() {
     let dir = temp_dir();
     let path = write_tiny(dir.path(), &tiny_spec(Family::Qwen2, 21));
     let model = load_gguf(&path).expect("tiny model");
-    let sel = ModelSel {
-        args: vec![
-            "--model-preset".into(),
-            "smollm".into(),
-            "--model".into(),
-            path.display().to_string(),
-            "--self-layers".into(),
-            "1".into(),
-        ],
-        kinds: "self,ngram",
-    };
+    let sel = tiny_sel(&path);
     let Some(c) = Cluster::start_with(sel, &[], &[], &["--capacity", "2"]).await else {
         return;
     };

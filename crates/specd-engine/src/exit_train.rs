@@ -157,10 +157,20 @@ impl ExitTrainer {
 
     /// Logits (`n x columns`) of the adapted exit for a batch of hidden states, as a graph.
     fn logits(&self, hidden: &[&[f32]]) -> Result<Tensor, candle_core::Error> {
+        self.logits_with(self.a.as_tensor(), self.b.as_tensor(), hidden)
+    }
+
+    /// [`Self::logits`] with adapter matrices `a` (`rank x hidden`) and `b` (`hidden x rank`).
+    fn logits_with(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        hidden: &[&[f32]],
+    ) -> Result<Tensor, candle_core::Error> {
         let n = hidden.len();
         let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
         let h = Tensor::from_vec(flat, (n, self.hidden), &Device::Cpu)?;
-        let u = (&h + h.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?)?;
+        let u = (&h + h.matmul(&a.t()?)?.matmul(&b.t()?)?)?;
         let ms = u.sqr()?.mean_keepdim(1)?;
         let normed = u.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
         let normed = normed.broadcast_mul(&self.norm)?;
@@ -220,12 +230,46 @@ impl ExitTrainer {
 
     /// Mean expected acceptance (sum of min(p, q) over the captured ids) of the adapted exit.
     pub fn expected_acceptance(&self, batch: &[ExitSample]) -> Result<f64, EngineError> {
+        self.acceptance_with(self.a.as_tensor(), self.b.as_tensor(), batch)
+    }
+
+    /// [`Self::expected_acceptance`] of another adapter of the same exit (`None`: the plain exit),
+    /// through this trainer's frozen head, so a live version is measured without a second copy of it.
+    pub fn expected_acceptance_of(
+        &self,
+        adapter: Option<&ExitAdapter>,
+        batch: &[ExitSample],
+    ) -> Result<f64, EngineError> {
+        let d = self.hidden;
+        let (a, b) = match adapter {
+            Some(x) => {
+                x.check(d)?;
+                (
+                    Tensor::from_vec(x.a.clone(), (x.rank, d), &Device::Cpu),
+                    Tensor::from_vec(x.b.clone(), (d, x.rank), &Device::Cpu),
+                )
+            }
+            // B = 0: exactly the plain exit.
+            None => (
+                Tensor::zeros((1, d), DType::F32, &Device::Cpu),
+                Tensor::zeros((d, 1), DType::F32, &Device::Cpu),
+            ),
+        };
+        self.acceptance_with(&a.map_err(candle)?, &b.map_err(candle)?, batch)
+    }
+
+    fn acceptance_with(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        batch: &[ExitSample],
+    ) -> Result<f64, EngineError> {
         if batch.is_empty() {
             return Ok(0.0);
         }
         let hidden: Vec<&[f32]> = batch.iter().map(|s| s.hidden.as_slice()).collect();
         let rows: Vec<Vec<f32>> = self
-            .logits(&hidden)
+            .logits_with(a, b, &hidden)
             .and_then(|l| l.to_vec2())
             .map_err(candle)?;
         let mut sum = 0.0;
@@ -350,6 +394,11 @@ mod tests {
         let read = ExitAdapter::from_file_bytes(&file, drafter.config().hidden).unwrap();
         let resumed = ExitTrainer::resume(&drafter, ExitConfig::default(), &read).unwrap();
         assert_eq!(resumed.expected_acceptance(&held_out).unwrap(), after);
+        assert_eq!(
+            t.expected_acceptance_of(Some(&read), &held_out).unwrap(),
+            after
+        );
+        assert_eq!(t.expected_acceptance_of(None, &held_out).unwrap(), before);
 
         // Serving: the drafter with the trained adapter computes the logits the trainer trained.
         let served = drafter.with_adapter(Some(t.adapter().unwrap())).unwrap();

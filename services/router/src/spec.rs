@@ -139,6 +139,23 @@ pub struct Learned {
     controllers: Mutex<HashMap<ControllerKey, SpecLenController>>,
 }
 
+impl Learned {
+    /// Takes the adaptive-k state of `key`; for a weights version not seen yet, the state of the
+    /// version it replaced (same kind and lengths), with a probe due at once.
+    fn take_controller(&self, key: &ControllerKey) -> Option<SpecLenController> {
+        let mut all = lock(&self.controllers);
+        if let Some(c) = all.remove(key) {
+            return Some(c);
+        }
+        let (kind, version, max_k, pinned) = key;
+        let older = all
+            .keys()
+            .find(|(k, v, m, p)| k == kind && v != version && m == max_k && p == pinned)
+            .cloned()?;
+        all.remove(&older).map(|c| c.for_new_version())
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -200,26 +217,15 @@ pub async fn run(
         .map(|d| d.version.clone())
         .unwrap_or_default();
     let ckey = (kind.clone(), version, max_k, req.draft_len);
-    let mut controller = {
-        let mut all = lock(&learned.controllers);
-        match all.remove(&ckey) {
-            Some(c) if !seeded => c,
-            Some(_) => SpecLenController::new(max_k, req.draft_len),
-            None if seeded => SpecLenController::new(max_k, req.draft_len),
-            None => {
-                // A version not seen yet: start from the state of the version it replaced.
-                let older = all
-                    .keys()
-                    .find(|(k, v, m, pin)| {
-                        *k == ckey.0 && *v != ckey.1 && *m == ckey.2 && *pin == ckey.3
-                    })
-                    .cloned();
-                match older.and_then(|o| all.remove(&o)) {
-                    Some(c) => c.for_new_version(),
-                    None => SpecLenController::new(max_k, req.draft_len),
-                }
-            }
-        }
+    let mut controller = if seeded {
+        // A seeded request drafts from a fresh state (same seed, same output); what was learned
+        // under its key goes with it, as it always has.
+        lock(&learned.controllers).remove(&ckey);
+        SpecLenController::new(max_k, req.draft_len)
+    } else {
+        learned
+            .take_controller(&ckey)
+            .unwrap_or_else(|| SpecLenController::new(max_k, req.draft_len))
     };
     let mut feedback: Option<pb::StepFeedback> = None;
     // The target's cost of one more verified row at its batch size, from its latest answer (`None`

@@ -338,8 +338,8 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
         let idle = Duration::from_secs(args.idle_secs);
         let mut windows = Vec::new();
         println!("phase window requests drafted accepted acceptance tok/s");
-        let mut phases: Vec<(&'static str, &[String], usize)> = vec![("A", &a, args.windows_a)];
-        phases.push(("B", &b, args.windows_b));
+        let phases: [(&'static str, &[String], usize); 2] =
+            [("A", &a, args.windows_a), ("B", &b, args.windows_b)];
         for (phase, prompts, count) in phases {
             for i in 0..count {
                 let set = &prompts[i * args.window..(i + 1) * args.window];
@@ -379,8 +379,8 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
         )
         .await?;
         println!("target alone on the last phase-B window: {:.2} tok/s", alone.tok_s());
-        let firsts: Vec<&Window> = windows.iter().filter(|w| w.phase == "B").collect();
-        let (before, after) = (firsts[0], firsts[firsts.len() - 1]);
+        let phase_b: Vec<&Window> = windows.iter().filter(|w| w.phase == "B").collect();
+        let (before, after) = (phase_b[0], phase_b[phase_b.len() - 1]);
         std::fs::write(&args.svg, svg(&windows, alone.tok_s()))
             .with_context(|| format!("writing {}", args.svg.display()))?;
         println!("curve: {}", args.svg.display());

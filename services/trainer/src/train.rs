@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use specd_core::PositionMask;
 use specd_engine::exit_train::{ExitConfig, ExitSample, ExitTrainer};
-use specd_engine::Model;
+use specd_engine::{ExitAdapter, Model};
 use specd_service::Shutdown;
 
 use crate::buffer::{ReplayBuffer, Sample};
@@ -140,12 +140,12 @@ pub fn spawn(
 /// The training state of one leadership term.
 struct Term {
     trainer: ExitTrainer,
-    /// The live version's adapter (never stepped), for the gate's comparison.
-    live: ExitTrainer,
+    /// The live version's adapter (`None`: the plain exit), for the gate's comparison.
+    live: Option<ExitAdapter>,
     trained_upto: u64,
     pending: Vec<ExitSample>,
     /// Positions already trained on once, kept for replay while there is nothing new.
-    replay: std::collections::VecDeque<Arc<ExitSample>>,
+    replay: std::collections::VecDeque<ExitSample>,
     /// Replayed positions still allowed (each new position adds `REPLAY_FACTOR`).
     replay_credit: usize,
     /// Position of the replay cursor.
@@ -173,25 +173,19 @@ impl Term {
         let version = live.as_ref().map_or(0, |(v, _)| v.version);
         lock(status).live_version = version;
         metrics::gauge!("specd_trainer_live_version").set(version as f64);
-        let (trainer, base) = match &live {
+        let trainer = match &live {
             Some((v, a)) => {
                 tracing::info!(
                     version = v.version,
                     "resuming training from the live version"
                 );
-                (
-                    ExitTrainer::resume(drafter, cfg.exit, a)?,
-                    ExitTrainer::resume(drafter, cfg.exit, a)?,
-                )
+                ExitTrainer::resume(drafter, cfg.exit, a)?
             }
-            None => (
-                ExitTrainer::new(drafter, cfg.exit, 1)?,
-                ExitTrainer::new(drafter, cfg.exit, 1)?,
-            ),
+            None => ExitTrainer::new(drafter, cfg.exit, 1)?,
         };
         Ok(Self {
             trainer,
-            live: base,
+            live: live.map(|(_, a)| a),
             trained_upto: 0,
             pending: Vec::new(),
             replay: std::collections::VecDeque::new(),
@@ -212,7 +206,7 @@ impl Term {
             .map(|_| {
                 // A stride coprime to most lengths mixes positions of different samples.
                 self.replay_at = (self.replay_at + 7919) % n;
-                (*self.replay[self.replay_at]).clone()
+                self.replay[self.replay_at].clone()
             })
             .collect();
         Some(out)
@@ -277,7 +271,7 @@ fn run(
             if new.is_empty() {
                 match t.replay_batch(batch) {
                     Some(chunk) => {
-                        train_step(drafter, cfg, shared, gate, t, publishing, chunk, "replay")?;
+                        train_step(drafter, cfg, shared, gate, t, publishing, &chunk, "replay")?;
                     }
                     None => std::thread::sleep(PAUSE),
                 }
@@ -295,15 +289,14 @@ fn run(
             continue;
         }
         let chunk: Vec<ExitSample> = t.pending.drain(..batch).collect();
+        train_step(drafter, cfg, shared, gate, t, publishing, &chunk, "new")?;
+        // Trained once: kept for replay.
         t.replay_credit += chunk.len() * REPLAY_FACTOR;
-        for x in &chunk {
-            t.replay.push_back(Arc::new(x.clone()));
-        }
+        t.replay.extend(chunk);
         while t.replay.len() > REPLAY_POSITIONS {
             t.replay.pop_front();
         }
         t.replay_credit = t.replay_credit.min(t.replay.len() * REPLAY_FACTOR);
-        train_step(drafter, cfg, shared, gate, t, publishing, chunk, "new")?;
     }
     Ok(())
 }
@@ -317,11 +310,11 @@ fn train_step(
     gate: &IdleGate,
     t: &mut Term,
     publishing: Option<&Publishing>,
-    chunk: Vec<ExitSample>,
+    chunk: &[ExitSample],
     source: &'static str,
 ) -> Result<(), specd_engine::EngineError> {
     let t0 = Instant::now();
-    let loss = t.trainer.step(&chunk)?;
+    let loss = t.trainer.step(chunk)?;
     let took = t0.elapsed().as_secs_f64();
     metrics::histogram!("specd_trainer_step_seconds").record(took);
     metrics::counter!("specd_trainer_steps_total", "source" => source).increment(1);
@@ -372,7 +365,7 @@ fn evaluate(
         return Ok(());
     }
     let figures = GateFigures {
-        live: t.live.expected_acceptance(&eval)?,
+        live: t.trainer.expected_acceptance_of(t.live.as_ref(), &eval)?,
         candidate: t.trainer.expected_acceptance(&eval)?,
         positions: eval.len(),
     };
@@ -404,7 +397,7 @@ fn evaluate(
     let adapter = t.trainer.adapter()?;
     match p.runtime.block_on(p.publisher.publish(&adapter, figures)) {
         Ok(v) => {
-            t.live = ExitTrainer::resume(drafter, cfg.exit, &adapter)?;
+            t.live = Some(adapter);
             let mut st = lock(&shared.status);
             st.live_version = v.version;
             st.publishes += 1;
