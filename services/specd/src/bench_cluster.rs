@@ -89,6 +89,7 @@ pub fn run(args: BenchClusterArgs) -> anyhow::Result<()> {
         keepalive_secs: 10,
         keepalive_timeout_secs: 5,
         stream_idle_secs: 300,
+        check_config: false,
     };
     rt.block_on(async {
         specd_service::metrics::install()?;

@@ -6,6 +6,12 @@
 //! done, then it prints: requests/s, generated tokens/s (aggregate), time to first token and end-to-end
 //! latency at p50/p95/p99, time per output token at p50, errors by gRPC code, and the drafted/accepted
 //! counts the router reported.
+//!
+//! With `--ghz-config FILE` it runs a ghz scenario file instead (see [`ghz`]) and writes ghz's JSON
+//! report shape and an HTML report ([`html`]).
+
+mod ghz;
+mod html;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +53,25 @@ pub struct LoadtestArgs {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Exit non-zero unless every request succeeded.
+    #[arg(long)]
+    pub require_ok: bool,
+    /// Run a ghz scenario file (ghz's JSON config keys) instead of the concurrency levels.
+    #[arg(long)]
+    pub ghz_config: Option<std::path::PathBuf>,
+    /// Override a key of the ghz scenario, as ghz's flags override its config (KEY=VALUE, VALUE as
+    /// JSON or a string; repeatable), for example --set total=4 --set host=127.0.0.1:50051.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Write the ghz-shaped JSON report of a scenario here.
+    #[arg(long)]
+    pub output: Option<std::path::PathBuf>,
+    /// Write the HTML report of a scenario here.
+    #[arg(long)]
+    pub html: Option<std::path::PathBuf>,
+    /// Validate the arguments (and a scenario file) and exit without sending anything.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -154,6 +179,16 @@ async fn one(
 }
 
 pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.ghz_config {
+        return run_scenario(path, &args);
+    }
+    if args.check_config {
+        if args.addr.is_empty() || args.requests == 0 {
+            anyhow::bail!("--addr and at least one request are needed");
+        }
+        println!("specd loadtest: configuration ok");
+        return Ok(());
+    }
     let rt = crate::serve::runtime()?;
     rt.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))?
@@ -205,9 +240,10 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 accepted: s.accepted,
             });
         }
+        let failed: usize = levels.iter().map(|l| l.requests - l.ok).sum();
         if args.json {
             println!("{}", serde_json::to_string_pretty(&levels)?);
-            return Ok(());
+            return require(args.require_ok, failed);
         }
         println!(
             "specd loadtest: {} requests per level, {} new tokens, drafter {}, temperature {}",
@@ -225,6 +261,58 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 l.latency_ms_p50, l.latency_ms_p95, l.latency_ms_p99, l.tpot_ms_p50, acc, l.errors
             );
         }
-        Ok(())
+        require(args.require_ok, failed)
     })
+}
+
+fn require(require_ok: bool, failed: usize) -> anyhow::Result<()> {
+    if require_ok && failed > 0 {
+        anyhow::bail!("{failed} request(s) did not succeed");
+    }
+    Ok(())
+}
+
+/// `--ghz-config`: one scenario, ghz's summary on stdout, the JSON and HTML reports where asked (also
+/// where the scenario's own `format`/`output` keys say).
+fn run_scenario(path: &std::path::Path, args: &LoadtestArgs) -> anyhow::Result<()> {
+    let sc = ghz::Scenario::load(path, &args.set)?;
+    if args.check_config {
+        println!("specd loadtest: scenario {} ok", path.display());
+        return Ok(());
+    }
+    let sc = Arc::new(sc);
+    let rt = crate::serve::runtime()?;
+    let (results, wall, reason) = rt.block_on(ghz::run(Arc::clone(&sc)))?;
+    let report = ghz::report(&sc, &results, wall, reason);
+    let (mut json_out, mut html_out) = (args.output.clone(), args.html.clone());
+    match (sc.format.as_deref(), &sc.output) {
+        (Some("json" | "pretty"), Some(o)) if json_out.is_none() => json_out = Some(o.clone()),
+        (Some("html"), Some(o)) if html_out.is_none() => html_out = Some(o.clone()),
+        _ => {}
+    }
+    if let Some(p) = &json_out {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &html_out {
+        let starts: Vec<(f64, f64, bool)> = results
+            .iter()
+            .map(|r| {
+                (
+                    r.start.as_secs_f64(),
+                    r.latency.as_secs_f64() * 1e3,
+                    r.error.is_empty(),
+                )
+            })
+            .collect();
+        std::fs::write(p, html::page(&report, &starts))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", ghz::summary(&sc, &report));
+    }
+    let failed = results.iter().filter(|r| !r.error.is_empty()).count();
+    require(args.require_ok, failed)
 }

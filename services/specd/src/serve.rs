@@ -31,6 +31,7 @@ use specd_worker::{serve_worker, ServeOptions, WorkerIdentity};
 
 use crate::cli::{init_threads, ModelArgs};
 
+mod check;
 mod trainer;
 use trainer::start_trainer;
 pub use trainer::{run_trainer, TrainArgs, TrainerArgs};
@@ -70,6 +71,10 @@ pub struct ServiceArgs {
     /// A worker stream with no request for this many seconds is ended and its sequence freed.
     #[arg(long, env = "SPECD_STREAM_IDLE_SECS", default_value_t = 300)]
     pub stream_idle_secs: u64,
+    /// Parse and validate the flags and `SPECD_*` variables, print whether they are valid, and exit
+    /// without starting, reading a file or dialling anything (deployments check their commands with it).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl ServiceArgs {
@@ -692,6 +697,9 @@ where
 
 pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
     let a = &args;
+    if a.service.check_config {
+        return check::target(a);
+    }
     run_role(
         "specd-target",
         a.model.threads,
@@ -724,6 +732,9 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
 
 pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
     let a = &args;
+    if a.service.check_config {
+        return check::drafter(a);
+    }
     run_role(
         "specd-drafter",
         a.model.threads,
@@ -755,6 +766,9 @@ pub fn run_drafter(args: DrafterArgs) -> anyhow::Result<()> {
 
 pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
     let a = &args;
+    if a.service.check_config {
+        return check::router_role(a);
+    }
     run_role(
         "specd-router",
         None,
@@ -774,6 +788,9 @@ pub fn run_router(args: RouterArgs) -> anyhow::Result<()> {
 
 pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
     let a = &args;
+    if a.service.check_config {
+        return check::up(a);
+    }
     run_role(
         "specd",
         a.model.threads,

@@ -86,7 +86,7 @@ impl TrainArgs {
         }
     }
 
-    fn train(&self) -> anyhow::Result<TrainConfig> {
+    pub(crate) fn train(&self) -> anyhow::Result<TrainConfig> {
         let loss = specd_core::Loss::parse(&self.train_loss)
             .map_err(|e| anyhow::anyhow!("--train-loss: {e}"))?;
         let mask = match self.train_positions.as_str() {
@@ -247,6 +247,9 @@ pub(crate) async fn start_trainer(
 
 pub fn run_trainer(args: TrainerArgs) -> anyhow::Result<()> {
     let a = &args;
+    if a.service.check_config {
+        return super::check::trainer(a);
+    }
     run_role(
         "specd-trainer",
         a.model.threads,
