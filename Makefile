@@ -6,7 +6,7 @@ CARGO ?= cargo
 SPECD := $(CARGO_TARGET_DIR)/release/specd
 PROMPT ?= Write a Python function that checks whether a number is prime.
 
-.PHONY: all setup models build run generate test test-fast bench bench-cluster loadtest demo-osd lint fmt clean
+.PHONY: all setup models build run generate test test-fast test-deploy cluster cluster-down bench bench-cluster loadtest demo-osd lint fmt clean
 
 all: build
 
@@ -35,6 +35,26 @@ generate: models build
 # missing model file fails its test here instead of skipping it.
 test: setup models
 	SPECD_REQUIRE_MODELS=1 $(CARGO) test --release --workspace
+	$(MAKE) --no-print-directory test-deploy
+
+# Deployment files against the binary: the Helm chart (lint, golden renders, kubernetes-validate,
+# schema sync, every container's flags through --check-config), Dockerfile, compose, dashboard and
+# alert rules (hadolint, promtool), and a multi-process cluster losing a drafter and a target.
+test-deploy: setup
+	@scripts/setup-deploy-tools.sh
+	$(CARGO) build --release -p specd
+	SPECD=$(SPECD) scripts/check-chart.sh
+	SPECD=$(SPECD) scripts/check-deploy-files.sh
+	SPECD=$(SPECD) scripts/cluster-smoke.sh
+
+# A real multi-process cluster on loopback (3-member etcd, two targets, two drafters, a trainer, a
+# router; smollm unless MODEL_PRESET=qwen), logs under ~/.cache/specd/cluster/logs; cluster-down stops
+# exactly what it started.
+cluster: models build
+	SPECD=$(SPECD) scripts/cluster.sh up
+
+cluster-down:
+	@scripts/cluster.sh down
 
 # Hermetic tests only (no model files needed); says how many real-model tests it skipped.
 test-fast: setup

@@ -145,10 +145,35 @@ def dashboard_queries(path: Path) -> list[Query]:
     return out
 
 
-def rule_queries(path: Path) -> list[Query]:
-    import yaml  # PyYAML
+def _rules_without_yaml(text: str) -> dict:
+    """The alert/record names and exprs of a rules file, for a Python without PyYAML: `expr: ...` on one
+    line or as a `|` block, as alerts.yaml writes them."""
+    rules, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        m = re.match(r"\s*-\s*(alert|record):\s*(\S+)", lines[i])
+        if m:
+            rules.append({m.group(1): m.group(2)})
+        m = re.match(r"(\s*)expr:\s*(.*)$", lines[i])
+        if m and rules:
+            indent, rest = len(m.group(1)), m.group(2).strip()
+            if rest in ("|", ">", "|-", ">-"):
+                block = []
+                while i + 1 < len(lines) and (not lines[i + 1].strip() or
+                                              len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent):
+                    i += 1
+                    block.append(lines[i].strip())
+                rest = " ".join(block)
+            rules[-1]["expr"] = rest.strip("'\"") if rest[:1] in "'\"" else rest
+        i += 1
+    return {"groups": [{"name": "rules", "rules": rules}]}
 
-    doc = yaml.safe_load(path.read_text()) or {}
+
+def rule_queries(path: Path) -> list[Query]:
+    try:
+        import yaml  # PyYAML
+        doc = yaml.safe_load(path.read_text()) or {}
+    except ImportError:
+        doc = _rules_without_yaml(path.read_text())
     out = []
     for g in doc.get("groups", []) or []:
         for r in g.get("rules", []) or []:
