@@ -233,9 +233,9 @@ pub struct UpArgs {
     pub capacity: u32,
     #[command(flatten)]
     pub samples: SampleArgs,
-    /// Also run a trainer (it collects the target's distillation samples and distills the
-    /// self-drafter's exit on idle capacity; nothing is published to drafters yet, so it is off by
-    /// default: capturing costs the target some time per captured step).
+    /// Also run a trainer (it collects the target's distillation samples, distills the self-drafter's
+    /// exit on idle capacity and publishes versions that pass its gate; off by default: capturing
+    /// costs the target some time per captured step).
     #[arg(long, env = "SPECD_TRAINER")]
     pub trainer: bool,
     #[command(flatten)]

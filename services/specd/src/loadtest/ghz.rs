@@ -113,19 +113,35 @@ impl Schedule {
         }
     }
 
-    /// Requests allowed to start by `t` (the integral of a rate schedule), for pacing.
+    /// Requests allowed to start by `t` (the integral of a rate schedule).
+    #[cfg(test)]
     fn allowed_by(&self, t: Duration) -> f64 {
-        // Piecewise integration at 10 ms resolution: exact enough for pacing and simple for all kinds.
-        let dt: f64 = 0.01;
-        let end = t.as_secs_f64();
-        let mut sum = 0.0;
-        let mut s = 0.0;
-        while s < end {
-            let w = dt.min(end - s);
-            sum += self.at(Duration::from_secs_f64(s)) * w;
-            s += dt;
+        let mut pace = Pace::default();
+        pace.advance(self, t);
+        pace.allowed
+    }
+}
+
+/// A running integral of a rate schedule: the pacer advances it as time passes instead of integrating
+/// from the start on every check.
+#[derive(Debug, Default)]
+struct Pace {
+    /// How far it has integrated.
+    t: f64,
+    /// Requests allowed by `t`.
+    allowed: f64,
+}
+
+impl Pace {
+    /// Integrates `rate` up to `to` in steps of at most 10 ms (exact enough for pacing, simple for
+    /// every schedule kind).
+    fn advance(&mut self, rate: &Schedule, to: Duration) {
+        let end = to.as_secs_f64();
+        while self.t < end {
+            let w = 0.01f64.min(end - self.t);
+            self.allowed += rate.at(Duration::from_secs_f64(self.t)) * w;
+            self.t += w;
         }
-        sum
     }
 }
 
@@ -843,13 +859,18 @@ pub async fn run(sc: Arc<Scenario>) -> anyhow::Result<(Vec<CallResult>, Duration
         let (sc, no_more) = (Arc::clone(&sc), Arc::clone(&no_more));
         tokio::spawn(async move {
             let mut i = 0usize;
+            let mut pace = Pace::default();
             loop {
                 if no_more.load(Ordering::Relaxed) || (sc.duration.is_none() && i >= sc.total) {
                     return;
                 }
                 if let Some(rate) = &sc.rate {
                     // Wait until the schedule allows request i.
-                    while rate.allowed_by(start.elapsed()) < (i + 1) as f64 {
+                    loop {
+                        pace.advance(rate, start.elapsed());
+                        if pace.allowed >= (i + 1) as f64 {
+                            break;
+                        }
                         if no_more.load(Ordering::Relaxed) {
                             return;
                         }

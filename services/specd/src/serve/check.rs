@@ -25,20 +25,12 @@ fn service(args: &ServiceArgs, needs_etcd: bool) -> anyhow::Result<()> {
             .strip_prefix("http://")
             .or_else(|| endpoint.strip_prefix("https://"))
             .unwrap_or(endpoint);
-        let (host, port) = rest
-            .rsplit_once(':')
+        host_port(rest)
             .with_context(|| format!("--etcd {endpoint:?}: expected http://HOST:PORT"))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            bail!("--etcd {endpoint:?}: expected http://HOST:PORT");
-        }
     }
     if let Some(addr) = &args.advertise_addr {
-        let (host, port) = addr
-            .rsplit_once(':')
+        host_port(addr)
             .with_context(|| format!("--advertise-addr {addr:?}: expected HOST:PORT"))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            bail!("--advertise-addr {addr:?}: expected HOST:PORT");
-        }
     }
     if args.lease_ttl == 0 {
         bail!("--lease-ttl must be at least 1 second");
@@ -47,6 +39,14 @@ fn service(args: &ServiceArgs, needs_etcd: bool) -> anyhow::Result<()> {
         bail!("--keepalive-secs and --keepalive-timeout-secs must be at least 1");
     }
     Ok(())
+}
+
+/// `HOST:PORT` with a non-empty host and a port number.
+fn host_port(s: &str) -> anyhow::Result<()> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => bail!("not HOST:PORT"),
+    }
 }
 
 fn model(args: &ModelArgs) -> anyhow::Result<()> {
