@@ -51,7 +51,7 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "specd_requests_total",
-        "Requests finished, by API, finish reason and gRPC code"
+        "Requests that completed, by finish reason (failures: specd_request_errors_total)"
     );
     describe_counter!(
         "specd_request_errors_total",

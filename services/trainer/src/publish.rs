@@ -245,6 +245,11 @@ impl Publisher {
             Some(v) if to > 0 => v,
             _ => self.base_record(),
         };
+        // The history record names the trainer that published it, at the address it had then (a pod IP
+        // that a restart retires). When this trainer's store holds the file, drafters fetch it from here.
+        if to > 0 && self.holds(&record) {
+            record.url = self.url.clone();
+        }
         record.rolled_back_from = Some(live.version);
         record.reason = reason.clone();
         if !self
@@ -258,6 +263,13 @@ impl Publisher {
         metrics::gauge!("specd_trainer_live_version").set(to as f64);
         tracing::warn!(from = live.version, to, %reason, "rolled back a drafter version");
         Ok(record)
+    }
+
+    /// Whether this trainer's weight store holds the file of `record`, intact.
+    fn holds(&self, record: &DrafterVersion) -> bool {
+        self.weights
+            .read(&self.model, &self.kind, record.version)
+            .is_ok_and(|d| specd_service::weights::sha256_hex(&d) == record.sha256)
     }
 
     /// Version 0: the drafter as loaded, no trained weights.
@@ -434,8 +446,16 @@ mod tests {
         // A forced regression: version 2 accepts far less than version 1 did.
         counts.record("1", 100, 80);
         counts.record("2", 100, 10);
+        // This trainer restarted at another address since it published version 1: the restored record
+        // points drafters at where the file is now, not at the dead address.
+        let p = Publisher {
+            url: "10.0.0.9:50070".into(),
+            ..p
+        };
         let back = p.watch_once(&counts).await.unwrap().unwrap();
         assert_eq!(back.version, 1);
+        assert_eq!(back.url, "10.0.0.9:50070");
+        assert_eq!(back.sha256, v1.sha256);
         assert_eq!(back.rolled_back_from, Some(2));
         assert!(back.reason.contains("live acceptance"), "{}", back.reason);
         assert_eq!(p.current().await.unwrap().unwrap().0.version, 1);
