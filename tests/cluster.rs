@@ -980,8 +980,16 @@ async fn bad_requests_overload_and_sigterm_drain() {
         .expect("no hang")
         .expect("join")
         .expect("drained to the end");
-    assert_eq!(finish, FinishReason::Length as i32);
-    assert_eq!(ids, reference(&model, PROMPTS[0], 200));
+    // Drained to its end: the whole reference output, up to the length or the model's own stop (which
+    // of the two depends on the kernels' rounding on this CPU, not on the drain).
+    let want = reference(&model, PROMPTS[0], 200);
+    let expected = if want.len() == 200 {
+        FinishReason::Length
+    } else {
+        FinishReason::Stop
+    };
+    assert_eq!(finish, expected as i32);
+    assert_eq!(ids, want);
     let code = c.router.as_mut().expect("router").wait_exit(WAIT);
     assert_eq!(code, Some(0), "router exits cleanly after draining");
 }

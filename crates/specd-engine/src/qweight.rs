@@ -5,7 +5,7 @@
 //! rows by its transpose. It owns the property the whole engine rests on:
 //!
 //! **Batch invariance.** Every output element `(row, col)` is computed by exactly one dot product (a
-//! multi-row kernel of `kernels.rs`, or candle's per-block `GgmlType::vec_dot` where none applies) on the
+//! multi-row kernel of `kernels/`, or candle's per-block `GgmlType::vec_dot` where none applies) on the
 //! row quantized by itself and the column's blocks, in an order that depends on nothing but the column
 //! index. So a row's result is bitwise the same whether it
 //! is multiplied alone, inside a verify of k+1 rows, or inside a batch of sequences, and whatever the
@@ -17,7 +17,7 @@
 //! steps on a memory-bound CPU.
 //!
 //! Q5_0 tensors (most of Qwen2.5-0.5B, whose hidden size 896 is not a multiple of 256) keep their 5.5
-//! bits and get a multi-row kernel (`kernels.rs`). On CPUs without AVX2 they are converted to Q8_0 at
+//! bits and get a multi-row kernel (`kernels/`). On CPUs without AVX2 they are converted to Q8_0 at
 //! load instead: every Q5_0 value is `d * (q - 16)` with `q` in 0..32 and Q8_0 stores `d * q` with `q` an
 //! i8 over the same 32-element block, so the conversion is exact, and candle's Q8_0 `vec_dot` is faster
 //! than its scalar Q5_0 one.
@@ -401,11 +401,13 @@ fn matmul_blocks<T: GgmlType>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) 
 }
 
 /// Multi-row kernel path: the column's blocks are decoded once for up to four rows at a time
-/// (`kernels.rs`); per-row arithmetic is the same as `matmul_blocks`' `vec_dot`, bit for bit.
+/// (`kernels/`); per-row arithmetic is the same as `matmul_blocks`' `vec_dot`, bit for bit.
 fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let kb = k / T::BLOCK;
     let mut xq = quantize_rows::<T::Act>(x, m, k);
-    T::prepare(&mut xq);
+    if kb > 0 {
+        xq.chunks_exact_mut(kb).for_each(T::prepare);
+    }
     let rows: Vec<&[T::Act]> = xq.chunks_exact(kb).collect();
     // Fills `cols` columns from `c0` for every row, column-major (`m` values per column).
     let task = |c0: usize, dst: &mut [f32]| {
