@@ -6,7 +6,7 @@ CARGO ?= cargo
 SPECD := $(CARGO_TARGET_DIR)/release/specd
 PROMPT ?= Write a Python function that checks whether a number is prime.
 
-.PHONY: all setup models build run generate test test-fast test-deploy cluster cluster-down bench bench-cluster loadtest demo-osd lint fmt clean
+.PHONY: all setup models build run generate test test-fast test-deploy cluster cluster-down bench bench-kernels bench-anchor bench-cluster loadtest demo-osd lint fmt clean
 
 all: build
 
@@ -65,6 +65,15 @@ test-fast: setup
 
 bench: models build
 	$(SPECD) bench --model-preset qwen
+
+# The cost of a forward as rows are added (m = 1..16), prefill, decode and batched decode, per model file.
+bench-kernels: models build
+	$(SPECD) bench-kernels --model-preset $(or $(MODEL_PRESET),qwen)
+
+# specd's compute figures and llama.cpp's (built by the workplace tool llama-anchor) on the same files,
+# one after the other, ratios in one table.
+bench-anchor: models build
+	SPECD=$(SPECD) scripts/bench-anchor.sh
 
 bench-cluster: models build
 	$(SPECD) bench-cluster --model-preset qwen --drafters none,auto

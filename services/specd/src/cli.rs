@@ -28,6 +28,9 @@ pub enum Command {
     Models(ModelsCommand),
     /// Load a running router with concurrent streaming requests and print throughput and latencies.
     Loadtest(crate::loadtest::LoadtestArgs),
+    /// Measure what one forward costs as rows are added (m = 1..16), prefill, decode and batched decode,
+    /// per model file: the compute curve speculation and batching rest on.
+    BenchKernels(crate::bench_kernels::BenchKernelsArgs),
     /// Measure the cluster's overhead against the single-process engine on the same prompts.
     BenchCluster(crate::bench_cluster::BenchClusterArgs),
     /// Show online distillation: a shifting workload through `specd up --trainer`, acceptance and tok/s

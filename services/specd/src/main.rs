@@ -5,6 +5,7 @@
 //! - `specd loadtest`: closed-loop load against a router's gRPC API, with latency percentiles.
 //! - `specd bench-cluster`: the distributed path's overhead against the single-process engine.
 //! - `specd bench`: the speculation benchmark over code and prose prompts (a program that prints figures).
+//! - `specd bench-kernels`: the cost of a forward as rows are added, prefill, decode and batched decode.
 //! - `specd models fetch`: the pinned model files, through `scripts/fetch-models.sh`.
 //! - `specd up`: a whole cluster in this process (router, drafter worker, target worker, embedded
 //!   coordination store); `specd router|drafter|target --etcd URL`: one role per process.
@@ -13,6 +14,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_kernels;
 mod cli;
 mod demo_osd;
 mod generate;
@@ -53,6 +55,7 @@ fn run_local(command: cli::Command) {
         cli::Command::Generate(args) => generate::run(args),
         cli::Command::Bench(args) => bench::run(args),
         cli::Command::BenchCluster(args) => bench_cluster::run(args),
+        cli::Command::BenchKernels(args) => bench_kernels::run(args),
         cli::Command::Loadtest(args) => loadtest::run(args),
         cli::Command::DemoOsd(args) => demo_osd::run(args),
         cli::Command::Models(cli::ModelsCommand::Fetch(args)) => cli::fetch_models(args),
