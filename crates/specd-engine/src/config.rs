@@ -173,6 +173,11 @@ impl ModelConfig {
     }
 
     /// Width of each of the k and v projections.
+    /// Bytes one position takes in a [`crate::KvCache`]: a key and a value per layer, f32.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers * self.kv_dim() * 2 * std::mem::size_of::<f32>()
+    }
+
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
     }

@@ -128,6 +128,7 @@ impl TargetConn {
         lease: Lease,
         sequence_id: &str,
         history: &[u32],
+        max_new: u32,
         params: &SamplingParams,
         timeout: Duration,
         deadline: Option<tokio::time::Instant>,
@@ -142,6 +143,7 @@ impl TargetConn {
                 // a trainer is registered.
                 emit_samples: true,
                 report_progress: true,
+                max_new_tokens: max_new,
             })),
         };
         let mut client = target_client(&lease);

@@ -503,6 +503,10 @@ async fn open_target(
     history: &[u32],
     attempts: &mut Attempts,
 ) -> Result<TargetConn, Status> {
+    // What is left to generate (a re-prefill after a failover carries the tokens generated so far),
+    // at least one: the target reserves its KV room by it.
+    let generated = history.len().saturating_sub(req.prompt_ids.len());
+    let max_new = req.max_new_tokens.saturating_sub(generated).max(1) as u32;
     let opened = attempts
         .open(
             pool,
@@ -515,6 +519,7 @@ async fn open_target(
                     lease,
                     &req.request_id,
                     history,
+                    max_new,
                     &params,
                     cfg.target_timeout,
                     req.deadline,

@@ -32,7 +32,9 @@ use specd_worker::{serve_worker, ServeOptions, WorkerIdentity};
 use crate::cli::{init_threads, ModelArgs};
 
 mod check;
+mod kv;
 mod trainer;
+pub use kv::KvArgs;
 use trainer::start_trainer;
 pub use trainer::{run_trainer, TrainArgs, TrainerArgs};
 
@@ -146,6 +148,8 @@ pub struct TargetArgs {
     #[arg(long, env = "SPECD_PREFILL_CHUNK", default_value_t = DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
     #[command(flatten)]
+    pub kv: KvArgs,
+    #[command(flatten)]
     pub samples: SampleArgs,
 }
 
@@ -231,6 +235,8 @@ pub struct UpArgs {
     /// Sequences the target holds at once.
     #[arg(long, env = "SPECD_CAPACITY", default_value_t = 16)]
     pub capacity: u32,
+    #[command(flatten)]
+    pub kv: KvArgs,
     #[command(flatten)]
     pub samples: SampleArgs,
     /// Also run a trainer (it collects the target's distillation samples, distills the self-drafter's
@@ -383,7 +389,7 @@ pub(crate) async fn start_target(
         router,
         specd_worker::health_name(Role::Target),
         record(Role::Target, &id, capacity, Vec::new()),
-        move || load.active(),
+        move || load.load(),
         drain,
         serve_options(args, addr, store, shutdown),
     )
@@ -718,6 +724,7 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
                     max_batch_tokens: a.max_batch_tokens,
                     prefill_chunk: a.prefill_chunk,
                     stream_idle: a.service.stream_idle(),
+                    kv_tokens: Some(a.kv.budget(target.model.config())?),
                 },
                 a.samples.config()?,
                 store,
@@ -816,6 +823,7 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
                 args.capacity,
                 BatchLimits {
                     stream_idle: args.service.stream_idle(),
+                    kv_tokens: Some(args.kv.budget(target.model.config())?),
                     ..BatchLimits::default()
                 },
                 args.samples.config()?,

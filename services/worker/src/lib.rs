@@ -64,6 +64,8 @@ impl WorkerIdentity {
             held_sequences: held,
             drafter_kinds,
             weights_version: self.weights_version.clone(),
+            kv_budget_tokens: 0,
+            kv_reserved_tokens: 0,
         }
     }
 }

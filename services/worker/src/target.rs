@@ -73,7 +73,8 @@ struct Seq {
     capture: Option<Capture>,
 }
 
-/// How much work one batched forward takes, and how long a stream may idle.
+/// How much work one batched forward takes, how much KV room sequences may reserve, and how long a
+/// stream may idle.
 #[derive(Clone, Copy, Debug)]
 pub struct BatchLimits {
     /// Most new tokens per forward.
@@ -82,6 +83,10 @@ pub struct BatchLimits {
     pub prefill_chunk: usize,
     /// A Verify stream with no request for this long is ended and its sequence freed.
     pub stream_idle: Duration,
+    /// KV tokens the open sequences may reserve together (`None`: sequences are bounded by the
+    /// capacity alone). Each reserves its prompt, its `max_new_tokens` and one longest draft, capped at
+    /// the model's context.
+    pub kv_tokens: Option<u64>,
 }
 
 impl Default for BatchLimits {
@@ -90,6 +95,7 @@ impl Default for BatchLimits {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             stream_idle: DEFAULT_STREAM_IDLE,
+            kv_tokens: None,
         }
     }
 }
@@ -636,7 +642,10 @@ impl TargetService {
             inner: Arc::new(Inner {
                 engine: tx,
                 identity,
-                slots: Slots::new("target", capacity, drain),
+                slots: match limits.kv_tokens {
+                    Some(kv) => Slots::with_kv_budget("target", capacity, kv, drain),
+                    None => Slots::new("target", capacity, drain),
+                },
                 next_seq: AtomicU64::new(1),
                 counters,
                 stream_idle: limits.stream_idle,
@@ -647,6 +656,32 @@ impl TargetService {
     /// Sequences open right now.
     pub fn active(&self) -> u32 {
         self.inner.slots.active()
+    }
+
+    /// The load to publish for placement: the open sequences, or the share of the KV budget reserved
+    /// (as that many sequences of the capacity) when it is the tighter limit, so routers prefer a
+    /// target with room for the cache as well as a free slot.
+    pub fn load(&self) -> u32 {
+        let slots = &self.inner.slots;
+        let by_kv = slots.kv().map_or(0, |(reserved, budget)| {
+            (reserved.saturating_mul(u64::from(slots.capacity()))).div_ceil(budget.max(1)) as u32
+        });
+        slots.active().max(by_kv)
+    }
+
+    /// KV tokens reserved by the open sequences and the budget (`None`: no budget).
+    pub fn kv(&self) -> Option<(u64, u64)> {
+        self.inner.slots.kv()
+    }
+
+    /// KV tokens a sequence with this prompt and `max_new_tokens` (0: unbounded) reserves.
+    fn kv_need(&self, prompt: usize, max_new: u32) -> u64 {
+        let context = self.inner.identity.context.max(1) as u64;
+        if max_new == 0 {
+            return context;
+        }
+        (prompt as u64 + u64::from(max_new) + u64::from(crate::drafter::MAX_DRAFT_LEN) + 1)
+            .min(context)
     }
 
     /// Prompt tokens the engine has prefilled since it started.
@@ -683,8 +718,9 @@ impl TargetService {
         else {
             return;
         };
+        let need = self.kv_need(open.prompt_ids.len(), open.max_new_tokens);
         let admitted = convert::sampling(open.sampling.as_ref())
-            .and_then(|p| Ok((p, self.inner.slots.admit()?)));
+            .and_then(|p| Ok((p, self.inner.slots.admit_kv(need)?)));
         let (params, slot) = match admitted {
             Ok(a) => a,
             Err(s) => {
@@ -776,13 +812,18 @@ impl Target for TargetService {
 
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
         let slots = &self.inner.slots;
-        Ok(Response::new(self.inner.identity.info(
+        let mut info = self.inner.identity.info(
             specd_coord::Role::Target,
             slots.capacity(),
             slots.active(),
             self.held(),
             Vec::new(),
-        )))
+        );
+        if let Some((reserved, budget)) = slots.kv() {
+            info.kv_budget_tokens = budget;
+            info.kv_reserved_tokens = reserved;
+        }
+        Ok(Response::new(info))
     }
 }
 

@@ -37,7 +37,10 @@ async fn serve_with(
     let model = load_gguf(&path).expect("load").model;
     let svc = TargetService::start(
         model,
-        WorkerIdentity::default(),
+        WorkerIdentity {
+            context: 8192,
+            ..WorkerIdentity::default()
+        },
         4,
         limits,
         samples,
@@ -58,6 +61,11 @@ async fn serve_with(
 }
 
 fn open(prompt: Vec<u32>, report_progress: bool) -> pb::VerifyRequest {
+    open_for(prompt, report_progress, 0)
+}
+
+/// Opens a sequence that will generate at most `max_new_tokens` (0: up to the context).
+fn open_for(prompt: Vec<u32>, report_progress: bool, max_new_tokens: u32) -> pb::VerifyRequest {
     pb::VerifyRequest {
         msg: Some(pb::verify_request::Msg::Open(pb::verify_request::Open {
             sequence_id: "s".into(),
@@ -70,6 +78,7 @@ fn open(prompt: Vec<u32>, report_progress: bool) -> pb::VerifyRequest {
             }),
             emit_samples: false,
             report_progress,
+            max_new_tokens,
         })),
     }
 }
@@ -125,6 +134,76 @@ async fn a_long_prefill_reports_progress_and_is_given_up_when_its_router_goes() 
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(svc.prefilled_tokens(), stopped_at, "prefilling went on");
+}
+
+/// Opens a stream with `open` and returns its first answer, and the sender that keeps it open.
+async fn first_answer(
+    addr: &str,
+    open: pb::VerifyRequest,
+) -> (
+    Result<pb::VerifyResponse, tonic::Status>,
+    mpsc::Sender<pb::VerifyRequest>,
+) {
+    let mut client = TargetClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(2);
+    tx.send(open).await.expect("send");
+    let answer = match client.verify(ReceiverStream::new(rx)).await {
+        Ok(r) => {
+            let mut answers = r.into_inner();
+            let a = tokio::time::timeout(WAIT, answers.message())
+                .await
+                .expect("an answer");
+            // Keep the stream's receiving half alive with the sender.
+            tokio::spawn(async move { while let Ok(Some(_)) = answers.message().await {} });
+            a.map(|m| m.expect("a message"))
+        }
+        Err(s) => Err(s),
+    };
+    (answer, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_reserve_kv_tokens_and_wait_for_room_rather_than_overcommit() {
+    let (svc, addr, _dir) = serve(BatchLimits {
+        kv_tokens: Some(300),
+        ..BatchLimits::default()
+    })
+    .await;
+    let prompt: Vec<u32> = (0..10u32).collect();
+    // 10 prompt + 100 new + one longest draft (32) + 1 = 143 tokens each: two fit in 300, a third does not.
+    let (a, a_tx) = first_answer(&addr, open_for(prompt.clone(), false, 100)).await;
+    assert!(matches!(
+        a.expect("a").msg,
+        Some(pb::verify_response::Msg::Opened(_))
+    ));
+    let (b, _b_tx) = first_answer(&addr, open_for(prompt.clone(), false, 100)).await;
+    assert!(b.is_ok(), "{b:?}");
+    assert_eq!(svc.kv(), Some((286, 300)));
+    assert_eq!(svc.active(), 2);
+    assert_eq!(
+        svc.load(),
+        4,
+        "the KV budget is the tighter limit: published as full"
+    );
+    let (c, _) = first_answer(&addr, open_for(prompt.clone(), false, 100)).await;
+    let c = c.expect_err("no KV room");
+    assert_eq!(c.code(), tonic::Code::ResourceExhausted, "{c:?}");
+    assert!(c.message().contains("KV budget"), "{}", c.message());
+    // A sequence that may grow to the whole context never fits this budget.
+    let (d, _) = first_answer(&addr, open_for(prompt.clone(), false, 0)).await;
+    assert_eq!(d.expect_err("too big").code(), tonic::Code::OutOfRange);
+    assert_eq!(svc.kv(), Some((286, 300)), "refusals reserve nothing");
+    // The first sequence ends: its room goes to the next one.
+    drop(a_tx);
+    until("the first reservation to be released", || {
+        svc.kv() == Some((143, 300))
+    })
+    .await;
+    let (e, _e_tx) = first_answer(&addr, open_for(prompt, false, 100)).await;
+    assert!(e.is_ok(), "{e:?}");
+    assert_eq!(svc.kv(), Some((286, 300)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,7 @@ pub fn target(a: &TargetArgs) -> anyhow::Result<()> {
     positive("--capacity", a.capacity.into())?;
     positive("--max-batch-tokens", a.max_batch_tokens as u64)?;
     positive("--prefill-chunk", a.prefill_chunk as u64)?;
+    a.kv.check()?;
     a.samples.config()?;
     ok("target")
 }
@@ -130,6 +131,7 @@ pub fn up(a: &UpArgs) -> anyhow::Result<()> {
     router(&a.router)?;
     positive("--capacity", a.capacity.into())?;
     kinds(&a.drafter_kinds)?;
+    a.kv.check()?;
     a.samples.config()?;
     if a.trainer {
         a.train.train()?;
