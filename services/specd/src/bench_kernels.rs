@@ -16,7 +16,12 @@ use clap::Args;
 use serde::Serialize;
 use specd_engine::{kernels, load_gguf, LogitsWanted, Model, Preset, SeqInput};
 
+use crate::bench_cluster::percentile;
 use crate::cli::init_threads;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    percentile(&mut v, 0.5)
+}
 
 #[derive(Debug, Args)]
 pub struct BenchKernelsArgs {
@@ -145,11 +150,6 @@ pub fn run(args: BenchKernelsArgs) -> anyhow::Result<()> {
         println!("kernels: {isa}, {} threads", report.threads);
     }
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Token ids that are valid for any vocabulary of at least 1000 (spread so the embedding rows differ).

@@ -22,21 +22,21 @@ struct SlotsInner {
     role: &'static str,
     capacity: u32,
     active: AtomicU32,
-    /// KV tokens all sequences together may reserve (`u64::MAX`: no budget).
-    kv_budget: u64,
+    /// KV tokens all sequences together may reserve (`None`: no budget).
+    kv_budget: Option<u64>,
     kv_reserved: AtomicU64,
     drain: Drain,
 }
 
 impl SlotsInner {
     fn publish_kv(&self) {
-        if self.kv_budget == u64::MAX {
+        let Some(budget) = self.kv_budget else {
             return;
-        }
+        };
         let used = self.kv_reserved.load(Ordering::Acquire);
         metrics::gauge!("specd_kv_tokens_reserved", "role" => self.role).set(used as f64);
         metrics::gauge!("specd_kv_tokens_free", "role" => self.role)
-            .set(self.kv_budget.saturating_sub(used) as f64);
+            .set(budget.saturating_sub(used) as f64);
     }
 }
 
@@ -71,11 +71,15 @@ impl Drop for Slot {
 impl Slots {
     /// `capacity` sequences, no KV budget.
     pub fn new(role: &'static str, capacity: u32, drain: Drain) -> Self {
-        Self::with_kv_budget(role, capacity, u64::MAX, drain)
+        Self::build(role, capacity, None, drain)
     }
 
     /// `capacity` sequences reserving at most `kv_budget` KV tokens together.
     pub fn with_kv_budget(role: &'static str, capacity: u32, kv_budget: u64, drain: Drain) -> Self {
+        Self::build(role, capacity, Some(kv_budget), drain)
+    }
+
+    fn build(role: &'static str, capacity: u32, kv_budget: Option<u64>, drain: Drain) -> Self {
         let inner = SlotsInner {
             role,
             capacity,
@@ -84,8 +88,8 @@ impl Slots {
             kv_reserved: AtomicU64::new(0),
             drain,
         };
-        if kv_budget != u64::MAX {
-            metrics::gauge!("specd_kv_budget_tokens", "role" => role).set(kv_budget as f64);
+        if let Some(budget) = kv_budget {
+            metrics::gauge!("specd_kv_budget_tokens", "role" => role).set(budget as f64);
             inner.publish_kv();
         }
         Self {
@@ -96,7 +100,8 @@ impl Slots {
     /// KV tokens reserved by the open sequences, and the budget (`None`: no budget).
     pub fn kv(&self) -> Option<(u64, u64)> {
         let i = &self.inner;
-        (i.kv_budget != u64::MAX).then(|| (i.kv_reserved.load(Ordering::Acquire), i.kv_budget))
+        i.kv_budget
+            .map(|budget| (i.kv_reserved.load(Ordering::Acquire), budget))
     }
 
     pub fn capacity(&self) -> u32 {
@@ -132,8 +137,7 @@ impl Slots {
                 self.inner.capacity
             )));
         }
-        let budget = self.inner.kv_budget;
-        if budget != u64::MAX && kv > 0 {
+        if let Some(budget) = self.inner.kv_budget.filter(|_| kv > 0) {
             if kv > budget {
                 return Err(Status::out_of_range(format!(
                     "the sequence needs {kv} KV tokens and this {role} worker's whole KV budget is \

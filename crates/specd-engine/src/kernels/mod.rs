@@ -29,7 +29,7 @@
 //! 64-byte vector; signed weights give their magnitudes to `vpdpbusd` and their signs to each row's
 //! activations (one masked subtract), Q4_1's unsigned nibbles go in as they are; block scales are applied
 //! per lane in f32. Their activation rows are rewritten once per matmul into values-then-scales order
-//! (`q8_0_row_soa`, `q8_1_row_soa`), so a pair of blocks is one load. On AVX2 these formats cost about
+//! (`values_then_scales`), so a pair of blocks is one load. On AVX2 these formats cost about
 //! 20 instructions per row and 64 weights (sign moves, two-step multiplies, a scalar scale or a
 //! horizontal sum per block); here about 8 to 10. Measured (AVX-512 VNNI machine, 2 threads, `specd
 //! bench-kernels`): Qwen 0.5B one-row forward 65 -> 29 ms, SmolLM2 31 -> 14 ms.
@@ -257,7 +257,7 @@ impl MultiRow for BlockQ8_0 {
     type Act = BlockQ8_0;
     fn prepare(acts: &mut [BlockQ8_0]) {
         if vnni() {
-            q8_0_row_soa(acts);
+            values_then_scales(acts);
         }
     }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
@@ -281,7 +281,7 @@ impl MultiRow for BlockQ5_0 {
     type Act = BlockQ8_0;
     fn prepare(acts: &mut [BlockQ8_0]) {
         if vnni() {
-            q8_0_row_soa(acts);
+            values_then_scales(acts);
         }
     }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
@@ -305,7 +305,7 @@ impl MultiRow for BlockQ4_1 {
     type Act = BlockQ8_1;
     fn prepare(acts: &mut [BlockQ8_1]) {
         if vnni() {
-            q8_1_row_soa(acts);
+            values_then_scales(acts);
         }
     }
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8_1]], out: &mut [f32]) {

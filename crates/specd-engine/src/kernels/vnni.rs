@@ -1,7 +1,7 @@
 //! The AVX-512 VNNI kernels (`vpdpbusd`: four u8 x i8 products per 32-bit lane in one instruction) for
 //! Q4_K, Q6_K, Q8_0 and Q5_0, up to eight rows per weight decode, and the layouts they read: Q4_K
 //! weights with their nibbles reordered at load ([`Q4KVnni`]) and Q8_0 activation rows as values then
-//! scales ([`q8_0_row_soa`]).
+//! scales ([`values_then_scales`]).
 
 use super::avx2::{hsum_float_8, q6k_unpack};
 use super::*;
@@ -119,23 +119,26 @@ impl MultiRow for Q4KVnni {
     }
 }
 
-/// Rewrites one row of Q8_0 activation blocks in place into the layout the VNNI kernels read: the
-/// row's quantized values contiguous (32 bytes per block), then its f16 scales (2 bytes per block). Same
-/// 34 bytes per block, so the row's storage holds it exactly; two blocks' values are one 64-byte load.
-pub(super) fn q8_0_row_soa(acts: &mut [BlockQ8_0]) {
-    let kb = acts.len();
-    let src: &[Q80] = cast(acts);
-    let mut qs = Vec::with_capacity(32 * kb);
-    let mut ds = Vec::with_capacity(2 * kb);
-    for b in src {
-        qs.extend(b.qs.iter().map(|&q| q as u8));
-        ds.extend_from_slice(&b.d.to_le_bytes());
+/// Rewrites one row of activation blocks (Q8_0: an f16 `d` then 32 values; Q8_1: `d`, `s`, then 32
+/// values) in place into the layout the 32-value VNNI kernels read: the row's values contiguous (32
+/// bytes per block), then each f16 field's plane (2 bytes per block, `d` first). Same bytes per block,
+/// so the row's storage holds it exactly; two blocks' values are one 64-byte load.
+pub(super) fn values_then_scales<T>(acts: &mut [T]) {
+    let (kb, size) = (acts.len(), std::mem::size_of::<T>());
+    let head = size - 32;
+    // SAFETY: only called on Q8_0 / Q8_1 blocks: plain old data, f16 fields then 32 values, no padding
+    // (checked in the parent module), so the row is size * kb initialized bytes.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(acts.as_mut_ptr() as *mut u8, size * kb) };
+    let mut soa = Vec::with_capacity(size * kb);
+    for block in bytes.chunks_exact(size) {
+        soa.extend_from_slice(&block[head..]);
     }
-    // SAFETY: the blocks are plain old data, 34 bytes each with no padding (checked above), so the
-    // row is 34 * kb initialized bytes.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(acts.as_mut_ptr() as *mut u8, 34 * kb) };
-    bytes[..32 * kb].copy_from_slice(&qs);
-    bytes[32 * kb..].copy_from_slice(&ds);
+    for field in (0..head).step_by(2) {
+        for block in bytes.chunks_exact(size) {
+            soa.extend_from_slice(&block[field..field + 2]);
+        }
+    }
+    bytes.copy_from_slice(&soa);
 }
 
 /// `vpdpbusd` written out: LLVM rewrites the intrinsic into `vpmaddubsw` + `vpmaddwd` when it can prove
@@ -339,7 +342,72 @@ pub(super) fn halves(pair: u32) -> __m512 {
     ))
 }
 
-/// Signed 8-bit weights x Q8_0 activations (prepared by [`q8_0_row_soa`]) for R rows with AVX-512
+/// Two f16 fields as one word, the first block's low: the `pair` of [`halves`] (`hi` 0 when the pair
+/// has one block).
+fn f16_pair(lo: u16, hi: u16) -> u32 {
+    lo as u32 | (hi as u32) << 16
+}
+
+/// Values of blocks `b` and `b + 1` (only `b` unless `two`, the rest zero) of a row prepared by
+/// [`values_then_scales`].
+///
+/// # Safety
+/// `row` holds at least `b + 1` (`b + 2` when `two`) blocks' 32 values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn row_values(row: *const u8, b: usize, two: bool) -> __m512i {
+    // SAFETY: the caller's.
+    unsafe {
+        let q = row.add(32 * b);
+        if two {
+            _mm512_loadu_si512(q as *const _)
+        } else {
+            _mm512_maskz_loadu_epi8(0xFFFF_FFFF, q as *const i8)
+        }
+    }
+}
+
+/// The f16 fields of blocks `b` and `b + 1` (only `b` unless `two`) of one plane of a prepared row,
+/// as an [`f16_pair`].
+///
+/// # Safety
+/// `plane` holds at least `b + 1` (`b + 2` when `two`) f16 values.
+#[inline]
+unsafe fn plane_pair(plane: *const u8, b: usize, two: bool) -> u32 {
+    // SAFETY: the caller's.
+    unsafe {
+        let at = plane.add(2 * b);
+        if two {
+            (at as *const u32).read_unaligned()
+        } else {
+            (at as *const u16).read_unaligned() as u32
+        }
+    }
+}
+
+/// Runs `$pair!(b, acc)` over the block pairs of `$kb` blocks, the pairs alternating between the
+/// accumulator sets `$even` and `$odd` (so one row never waits on its own add chain); the odd last
+/// block is a pair of its own.
+macro_rules! each_pair {
+    ($kb:expr, $pair:ident, $even:ident, $odd:ident) => {{
+        let kb = $kb;
+        let mut b = 0;
+        while b + 4 <= kb {
+            $pair!(b, $even);
+            $pair!(b + 2, $odd);
+            b += 4;
+        }
+        if b < kb {
+            $pair!(b, $even);
+            b += 2;
+        }
+        if b < kb {
+            $pair!(b, $odd);
+        }
+    }};
+}
+
+/// Signed 8-bit weights x Q8_0 activations (prepared by [`values_then_scales`]) for R rows with AVX-512
 /// VNNI, two 32-value blocks per 64-byte vector. The weights of a block pair come from `$decode(b)` as
 /// their magnitudes (u8) and the mask of the negative ones; each row moves those signs onto its
 /// activations (one masked subtract: Q8_0 activations are never -128) and `vpdpbusd` sums four
@@ -362,7 +430,7 @@ macro_rules! rows32_vnni {
             let kb = xs.len();
             let zero = _mm512_setzero_si512();
             // SAFETY (whole body): every activation row holds kb blocks in the layout of
-            // `q8_0_row_soa` (32 * kb value bytes, then kb f16 scales); loads stay inside it (the odd
+            // `values_then_scales` (32 * kb value bytes, then kb f16 scales); loads stay inside it (the odd
             // last block is loaded with a 32-byte mask and its scale as 16 bits).
             let rows: [*const u8; R] = std::array::from_fn(|r| ys[r].as_ptr() as *const u8);
             let mut even = [_mm512_setzero_ps(); R];
@@ -376,27 +444,14 @@ macro_rules! rows32_vnni {
                     let two = b + 1 < kb;
                     prefetch_ahead(&xs[b], ahead);
                     let (aw, neg) = $decode(xs, b, two);
-                    let xd = halves(if two {
-                        xs[b].d as u32 | (xs[b + 1].d as u32) << 16
-                    } else {
-                        xs[b].d as u32
-                    });
+                    let xd = halves(f16_pair(xs[b].d, if two { xs[b + 1].d } else { 0 }));
                     for r in 0..R {
                         // SAFETY: see above.
                         let (y, yd) = unsafe {
-                            let q = rows[r].add(32 * b);
-                            let scales = rows[r].add(32 * kb + 2 * b);
-                            if two {
-                                (
-                                    _mm512_loadu_si512(q as *const _),
-                                    (scales as *const u32).read_unaligned(),
-                                )
-                            } else {
-                                (
-                                    _mm512_maskz_loadu_epi8(0xFFFF_FFFF, q as *const i8),
-                                    (scales as *const u16).read_unaligned() as u32,
-                                )
-                            }
+                            (
+                                row_values(rows[r], b, two),
+                                plane_pair(rows[r].add(32 * kb), b, two),
+                            )
                         };
                         let sy = _mm512_mask_sub_epi8(y, neg, zero, y);
                         let ints = dpbusd!(zero, aw, sy);
@@ -405,19 +460,7 @@ macro_rules! rows32_vnni {
                     }
                 }};
             }
-            let mut b = 0;
-            while b + 4 <= kb {
-                pair!(b, even);
-                pair!(b + 2, odd);
-                b += 4;
-            }
-            if b < kb {
-                pair!(b, even);
-                b += 2;
-            }
-            if b < kb {
-                pair!(b, odd);
-            }
+            each_pair!(kb, pair, even, odd);
             for r in 0..R {
                 out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
             }
@@ -443,10 +486,22 @@ pub(super) fn q8_0_pair(xs: &[Q80], b: usize, two: bool) -> (__m512i, __mmask64)
     (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
 }
 
-/// The 64 4-bit values of two blocks' 16 packed bytes each, in activation order: block 0's low nibbles
-/// (values 0..16) then its high nibbles (16..32), then block 1's.
+/// The 64 4-bit values of blocks `b` and `b + 1` (only `b` unless `two`, the rest zero) whose 16
+/// packed bytes `qs` gives, in activation order: block b's low nibbles (values 0..16) then its high
+/// nibbles (16..32), then block b + 1's.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-fn nibbles(q0: __m128i, q1: __m128i) -> __m512i {
+fn nibbles<T>(xs: &[T], b: usize, two: bool, qs: impl Fn(&T) -> &[u8; 16]) -> __m512i {
+    // SAFETY: qs is 16 bytes; block b + 1 exists when `two`.
+    let (q0, q1) = unsafe {
+        (
+            _mm_loadu_si128(qs(&xs[b]).as_ptr() as *const __m128i),
+            if two {
+                _mm_loadu_si128(qs(&xs[b + 1]).as_ptr() as *const __m128i)
+            } else {
+                _mm_setzero_si128()
+            },
+        )
+    };
     // 128-bit lanes: [q0, q0, q1, q1]; the second of each pair shifted to its high nibbles.
     let both = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(q0), q1);
     let v = _mm512_permutexvar_epi64(
@@ -463,18 +518,7 @@ fn nibbles(q0: __m128i, q1: __m128i) -> __m512i {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) fn q5_0_pair(xs: &[Q50], b: usize, two: bool) -> (__m512i, __mmask64) {
-    // SAFETY: qs is 16 bytes; block b + 1 exists when `two`.
-    let (q0, q1) = unsafe {
-        (
-            _mm_loadu_si128(xs[b].qs.as_ptr() as *const __m128i),
-            if two {
-                _mm_loadu_si128(xs[b + 1].qs.as_ptr() as *const __m128i)
-            } else {
-                _mm_setzero_si128()
-            },
-        )
-    };
-    let nib = nibbles(q0, q1);
+    let nib = nibbles(xs, b, two, |x| &x.qs);
     let high = u32::from_le_bytes(xs[b].qh) as u64
         | if two {
             (u32::from_le_bytes(xs[b + 1].qh) as u64) << 32
@@ -500,27 +544,7 @@ rows32_vnni!(
     "Q5_0 x Q8_0 for R rows with AVX-512 VNNI (see `rows32_vnni`)."
 );
 
-/// Rewrites one row of Q8_1 activation blocks in place into values, then f16 scales `d`, then f16
-/// sums `s` (36 bytes per block, as before), for [`q4_1_rows_vnni`].
-pub(super) fn q8_1_row_soa(acts: &mut [BlockQ8_1]) {
-    let kb = acts.len();
-    let src: &[Q81] = cast(acts);
-    let mut qs = Vec::with_capacity(32 * kb);
-    let mut ds = Vec::with_capacity(2 * kb);
-    let mut ss = Vec::with_capacity(2 * kb);
-    for b in src {
-        qs.extend(b.qs.iter().map(|&q| q as u8));
-        ds.extend_from_slice(&b.d.to_le_bytes());
-        ss.extend_from_slice(&b.s.to_le_bytes());
-    }
-    // SAFETY: plain old data, 36 bytes per block without padding (checked in the parent module).
-    let bytes = unsafe { std::slice::from_raw_parts_mut(acts.as_mut_ptr() as *mut u8, 36 * kb) };
-    bytes[..32 * kb].copy_from_slice(&qs);
-    bytes[32 * kb..34 * kb].copy_from_slice(&ds);
-    bytes[34 * kb..].copy_from_slice(&ss);
-}
-
-/// Q4_1 x Q8_1 (prepared by [`q8_1_row_soa`]) for R rows with AVX-512 VNNI, two blocks per vector. A
+/// Q4_1 x Q8_1 (prepared by [`values_then_scales`]) for R rows with AVX-512 VNNI, two blocks per vector. A
 /// block is `d * q + m` with `q` in 0..16, so the nibbles are the unsigned `vpdpbusd` operand as they
 /// are; per lane `d_w * d_x * sum(q * x)`, and the block's `m_w * s_x` (`s_x` = `d_x` * the sum of its
 /// values) added once, to the block's first lane. Every row's operations are the same whatever R is.
@@ -529,7 +553,7 @@ pub(super) fn q8_1_row_soa(acts: &mut [BlockQ8_1]) {
 pub(super) unsafe fn q4_1_rows_vnni<const R: usize>(xs: &[Q41], ys: [&[Q81]; R], out: &mut [f32]) {
     let kb = xs.len();
     let zero = _mm512_setzero_si512();
-    // SAFETY (whole body): every activation row holds kb blocks in the layout of `q8_1_row_soa`; the
+    // SAFETY (whole body): every activation row holds kb blocks in the layout of `values_then_scales`; the
     // odd last block is loaded with a 32-byte mask and its scale and sum as 16 bits.
     let rows: [*const u8; R] = std::array::from_fn(|r| ys[r].as_ptr() as *const u8);
     let mut even = [_mm512_setzero_ps(); R];
@@ -542,47 +566,18 @@ pub(super) unsafe fn q4_1_rows_vnni<const R: usize>(xs: &[Q41], ys: [&[Q81]; R],
             let b = $b;
             let two = b + 1 < kb;
             prefetch_ahead(&xs[b], ahead);
-            // SAFETY: qs is 16 bytes; block b + 1 exists when `two`.
-            let (q0, q1) = unsafe {
-                (
-                    _mm_loadu_si128(xs[b].qs.as_ptr() as *const __m128i),
-                    if two {
-                        _mm_loadu_si128(xs[b + 1].qs.as_ptr() as *const __m128i)
-                    } else {
-                        _mm_setzero_si128()
-                    },
-                )
-            };
-            let live: __mmask64 = if two { u64::MAX } else { 0xFFFF_FFFF };
-            let w = _mm512_maskz_mov_epi8(live, nibbles(q0, q1));
-            let both = |lo: u16, hi: u16| {
-                if two {
-                    lo as u32 | (hi as u32) << 16
-                } else {
-                    lo as u32
-                }
-            };
-            let xd = halves(both(xs[b].d, if two { xs[b + 1].d } else { 0 }));
-            let xm = halves(both(xs[b].m, if two { xs[b + 1].m } else { 0 }));
+            // Zero past a lone last block already.
+            let w = nibbles(xs, b, two, |x| &x.qs);
+            let xd = halves(f16_pair(xs[b].d, if two { xs[b + 1].d } else { 0 }));
+            let xm = halves(f16_pair(xs[b].m, if two { xs[b + 1].m } else { 0 }));
             for r in 0..R {
                 // SAFETY: see above.
                 let (y, yd, ysum) = unsafe {
-                    let q = rows[r].add(32 * b);
-                    let d = rows[r].add(32 * kb + 2 * b);
-                    let sm = rows[r].add(34 * kb + 2 * b);
-                    if two {
-                        (
-                            _mm512_loadu_si512(q as *const _),
-                            (d as *const u32).read_unaligned(),
-                            (sm as *const u32).read_unaligned(),
-                        )
-                    } else {
-                        (
-                            _mm512_maskz_loadu_epi8(0xFFFF_FFFF, q as *const i8),
-                            (d as *const u16).read_unaligned() as u32,
-                            (sm as *const u16).read_unaligned() as u32,
-                        )
-                    }
+                    (
+                        row_values(rows[r], b, two),
+                        plane_pair(rows[r].add(32 * kb), b, two),
+                        plane_pair(rows[r].add(34 * kb), b, two),
+                    )
                 };
                 let ints = dpbusd!(zero, w, y);
                 let scale = _mm512_mul_ps(xd, halves(yd));
@@ -591,19 +586,7 @@ pub(super) unsafe fn q4_1_rows_vnni<const R: usize>(xs: &[Q41], ys: [&[Q81]; R],
             }
         }};
     }
-    let mut b = 0;
-    while b + 4 <= kb {
-        pair!(b, even);
-        pair!(b + 2, odd);
-        b += 4;
-    }
-    if b < kb {
-        pair!(b, even);
-        b += 2;
-    }
-    if b < kb {
-        pair!(b, odd);
-    }
+    each_pair!(kb, pair, even, odd);
     for r in 0..R {
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
     }
