@@ -33,6 +33,8 @@ pub enum EngineError {
     Dist(#[from] specd_core::DistError),
     #[error(transparent)]
     Verify(#[from] specd_core::VerifyError),
+    #[error("tensor-parallel group: {0}")]
+    Collective(#[from] crate::tp::CollectiveError),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -4,10 +4,27 @@
 //! values of every position fed so far, contiguous by position, in f32. Speculation rolls it back with
 //! [`KvCache::truncate`] after rejected drafts; nothing else ever removes positions. It does not know which
 //! tokens produced the positions; callers that need that (drafters, the speculation loop) track it.
+//!
+//! Every cache has a process-unique identity. On rank 0 of a tensor-parallel group the other ranks keep
+//! a cache of their own for each of rank 0's, named by that identity; a cache made by a tensor-parallel
+//! model reports its drop, so the other ranks free theirs. A clone is a new cache with a new identity
+//! (the other ranks do not have its contents, so feeding a clone of a tensor-parallel cache fails the
+//! step instead of computing garbage).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Identities of dropped caches, collected for the next tensor-parallel step.
+#[derive(Debug, Default)]
+pub struct DropList(pub(crate) Mutex<Vec<u64>>);
 
 /// Keys and values of one sequence.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct KvCache {
+    id: u64,
+    dropped: Option<Arc<DropList>>,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -20,6 +37,8 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            dropped: None,
             layers,
             kv_heads,
             head_dim,
@@ -27,6 +46,17 @@ impl KvCache {
             keys: vec![Vec::new(); layers * kv_heads],
             values: vec![Vec::new(); layers * kv_heads],
         }
+    }
+
+    /// A cache that reports its drop to `list` (a tensor-parallel leader's).
+    pub(crate) fn tracked(mut self, list: Option<Arc<DropList>>) -> Self {
+        self.dropped = list;
+        self
+    }
+
+    /// This cache's process-unique identity.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Positions held.
@@ -96,6 +126,31 @@ impl KvCache {
         let n = extra * self.head_dim;
         for v in self.keys.iter_mut().chain(self.values.iter_mut()) {
             v.reserve(n);
+        }
+    }
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            dropped: self.dropped.clone(),
+            layers: self.layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            len: self.len,
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+        }
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if let Some(d) = &self.dropped {
+            if let Ok(mut l) = d.0.lock() {
+                l.push(self.id);
+            }
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - `adapter`: the self-drafter's exit adapter, its serving arithmetic and its weight file.
 //! - `exit_train`: distilling a self-drafter's early exit (an `ExitAdapter` before its final norm) with
 //!   candle autograd against the target's captured distributions.
+//! - `tp`: tensor parallelism: the shard plan, the collective trait and its CPU (TCP) backend, rank 0
+//!   driving the other ranks through each forward.
 //! - `testing`: tiny random-weight model files for hermetic tests.
 //!
 //! It does not do networking, scheduling across processes, or the training loop's policy (what to train
@@ -28,6 +30,7 @@ pub mod preset;
 pub mod qweight;
 pub mod speculate;
 pub mod testing;
+pub mod tp;
 
 pub use config::{Family, ModelConfig, RopeStyle};
 pub use drafter::{Drafter, DrafterKind, Proposal};

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use crate::config::{Family, ModelConfig};
 use crate::error::EngineError;
 use crate::model::{Layer, Model, Weights};
 use crate::qweight::QWeight;
+use crate::tp::ShardPlan;
 
 /// A model ready to serve: the decoder, its tokenizer and where it came from.
 #[derive(Clone, Debug)]
@@ -36,17 +38,74 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
 
 /// Loads a Qwen2 or Llama GGUF file with its tokenizer.
 pub fn load_gguf(path: &Path) -> Result<LoadedModel, EngineError> {
+    Ok(load_gguf_sliced(path, None)?.0)
+}
+
+/// Loads rank `rank`'s shard of a `world`-way tensor-parallel split of a GGUF file (see `tp`): only its
+/// slice of every split tensor is read. The model is not yet attached to a group (`Model::with_tp`).
+pub fn load_gguf_shard(
+    path: &Path,
+    rank: usize,
+    world: usize,
+) -> Result<(LoadedModel, ShardPlan), EngineError> {
+    let (loaded, plan) = load_gguf_sliced(path, Some((rank, world)))?;
+    Ok((loaded, plan.expect("a shard has a plan")))
+}
+
+/// The shard plan of `rank` of `world` for a GGUF file, from its header alone: refuses a degree the
+/// model cannot be split into, naming the numbers.
+pub fn shard_plan_for(path: &Path, rank: usize, world: usize) -> Result<ShardPlan, EngineError> {
+    let (content, _) = read_header(path)?;
+    plan_for(&content, rank, world)
+}
+
+fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     if !path.exists() {
         return Err(EngineError::ModelNotFound {
             path: path.to_path_buf(),
         });
     }
     let file = File::open(path).map_err(io_err(path))?;
-    let file_bytes = file.metadata().map_err(io_err(path))?.len();
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|e| {
         EngineError::BadModel(format!("{}: not a readable GGUF file: {e}", path.display()))
     })?;
+    Ok((content, reader))
+}
+
+fn plan_for(
+    content: &gguf_file::Content,
+    rank: usize,
+    world: usize,
+) -> Result<ShardPlan, EngineError> {
+    let info = |name: &str| {
+        content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))
+    };
+    let vocab = info("token_embd.weight")?.shape.dims()[0];
+    let cfg = ModelConfig::from_gguf(content, vocab)?;
+    let block = |suffix: &str| -> Result<usize, EngineError> {
+        let mut b = 1;
+        for i in 0..cfg.layers {
+            b = b.max(info(&format!("blk.{i}.{suffix}"))?.ggml_dtype.block_size());
+        }
+        Ok(b)
+    };
+    let (o_block, down_block) = (block("attn_output.weight")?, block("ffn_down.weight")?);
+    ShardPlan::new(&cfg, rank, world, o_block, down_block)
+}
+
+fn load_gguf_sliced(
+    path: &Path,
+    shard: Option<(usize, usize)>,
+) -> Result<(LoadedModel, Option<ShardPlan>), EngineError> {
+    let (content, mut reader) = read_header(path)?;
+    let file_bytes = reader.get_ref().metadata().map_err(io_err(path))?.len();
+    let plan = shard
+        .map(|(rank, world)| plan_for(&content, rank, world))
+        .transpose()?;
     let tokenizer = Arc::new(SpecdTokenizer::from_gguf_file(path)?);
     let mut tensors = TensorReader {
         content: &content,
@@ -54,38 +113,69 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, EngineError> {
         file_bytes,
     };
     let embed = tensors.weight("token_embd.weight")?;
-    let cfg = ModelConfig::from_gguf(&content, embed.rows())?;
+    let full_cfg = ModelConfig::from_gguf(&content, embed.rows())?;
+    let cfg = match &plan {
+        Some(p) => p.local_config(&full_cfg),
+        None => full_cfg.clone(),
+    };
+    let hd = cfg.head_dim;
+    // Row and column ranges of every split tensor (everything, without a plan).
+    let all = |n: usize| 0..n;
+    let (q, kv, ffn, vocab) = match &plan {
+        Some(p) => (p.q_cols(hd), p.kv_cols(hd), p.ffn.clone(), p.vocab.clone()),
+        None => (
+            all(full_cfg.q_dim()),
+            all(full_cfg.kv_dim()),
+            all(full_cfg.ffn),
+            all(full_cfg.vocab),
+        ),
+    };
+    let d = full_cfg.hidden;
     let mut layers = Vec::with_capacity(cfg.layers);
     for i in 0..cfg.layers {
         let p = |s: &str| format!("blk.{i}.{s}");
-        let bias =
-            |t: &mut TensorReader<'_, _>, s: &str| -> Result<Option<Vec<f32>>, EngineError> {
-                if cfg.family == Family::Qwen2 {
-                    t.vector(&p(s)).map(Some)
-                } else {
-                    t.optional_vector(&p(s))
-                }
+        let bias = |t: &mut TensorReader<'_, _>,
+                    s: &str,
+                    keep: &Range<usize>|
+         -> Result<Option<Vec<f32>>, EngineError> {
+            let v = if cfg.family == Family::Qwen2 {
+                Some(t.vector(&p(s))?)
+            } else {
+                t.optional_vector(&p(s))?
             };
+            v.map(|v| {
+                v.get(keep.clone()).map(<[f32]>::to_vec).ok_or_else(|| {
+                    EngineError::BadModel(format!("{} has {} values", p(s), v.len()))
+                })
+            })
+            .transpose()
+        };
         layers.push(Layer {
             attn_norm: tensors.vector(&p("attn_norm.weight"))?,
-            wq: tensors.weight(&p("attn_q.weight"))?,
-            bq: bias(&mut tensors, "attn_q.bias")?,
-            wk: tensors.weight(&p("attn_k.weight"))?,
-            bk: bias(&mut tensors, "attn_k.bias")?,
-            wv: tensors.weight(&p("attn_v.weight"))?,
-            bv: bias(&mut tensors, "attn_v.bias")?,
-            wo: tensors.weight(&p("attn_output.weight"))?,
+            wq: tensors.slice(&p("attn_q.weight"), q.clone(), all(d))?,
+            bq: bias(&mut tensors, "attn_q.bias", &q)?,
+            wk: tensors.slice(&p("attn_k.weight"), kv.clone(), all(d))?,
+            bk: bias(&mut tensors, "attn_k.bias", &kv)?,
+            wv: tensors.slice(&p("attn_v.weight"), kv.clone(), all(d))?,
+            bv: bias(&mut tensors, "attn_v.bias", &kv)?,
+            wo: tensors.slice(&p("attn_output.weight"), all(d), q.clone())?,
             ffn_norm: tensors.vector(&p("ffn_norm.weight"))?,
-            w_gate: tensors.weight(&p("ffn_gate.weight"))?,
-            w_up: tensors.weight(&p("ffn_up.weight"))?,
-            w_down: tensors.weight(&p("ffn_down.weight"))?,
+            w_gate: tensors.slice(&p("ffn_gate.weight"), ffn.clone(), all(d))?,
+            w_up: tensors.slice(&p("ffn_up.weight"), ffn.clone(), all(d))?,
+            w_down: tensors.slice(&p("ffn_down.weight"), all(d), ffn.clone())?,
         });
     }
     let norm = tensors.vector("output_norm.weight")?;
-    let lm_head = if content.tensor_infos.contains_key("output.weight") {
-        Some(tensors.weight("output.weight")?)
+    let head_name = if content.tensor_infos.contains_key("output.weight") {
+        Some("output.weight")
     } else {
         None
+    };
+    let lm_head = match (head_name, &plan) {
+        (Some(name), _) => Some(tensors.slice(name, vocab.clone(), all(d))?),
+        // A tied head is the embedding; a shard keeps its own slice of it.
+        (None, Some(_)) => Some(tensors.slice("token_embd.weight", vocab.clone(), all(d))?),
+        (None, None) => None,
     };
     let weights = Weights {
         embed,
@@ -93,7 +183,7 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, EngineError> {
         norm,
         lm_head,
     };
-    check_shapes(&cfg, &weights)?;
+    check_shapes(&cfg, &weights, vocab.len())?;
     if tokenizer.vocab_size() > cfg.vocab {
         return Err(EngineError::BadModel(format!(
             "tokenizer has {} tokens but the embedding only {}",
@@ -101,12 +191,15 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel, EngineError> {
             cfg.vocab
         )));
     }
-    Ok(LoadedModel {
-        model: Model::new(cfg, Arc::new(weights))?,
-        tokenizer,
-        path: path.to_path_buf(),
-        file_bytes,
-    })
+    Ok((
+        LoadedModel {
+            model: Model::new(cfg, Arc::new(weights))?,
+            tokenizer,
+            path: path.to_path_buf(),
+            file_bytes,
+        },
+        plan,
+    ))
 }
 
 struct TensorReader<'a, R> {
@@ -145,6 +238,71 @@ impl<R: Read + Seek> TensorReader<'_, R> {
         Ok((info.ggml_dtype, dims, bytes))
     }
 
+    /// Rows `rows` and columns `cols` of a 2-D weight, reading only those bytes. A column range must
+    /// fall on the tensor's quantization blocks.
+    fn slice(
+        &mut self,
+        name: &str,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<QWeight, EngineError> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::BadModel(format!("missing tensor {name}")))?;
+        let [n, k] = info.shape.dims()[..] else {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} is not 2-D: {:?}",
+                info.shape.dims()
+            )));
+        };
+        if rows == (0..n) && cols == (0..k) {
+            return self.weight(name);
+        }
+        let dtype = info.ggml_dtype;
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        if rows.end > n
+            || cols.end > k
+            || !cols.start.is_multiple_of(bs)
+            || !cols.end.is_multiple_of(bs)
+            || !k.is_multiple_of(bs)
+        {
+            return Err(EngineError::BadModel(format!(
+                "cannot take rows {rows:?} and columns {cols:?} of {name} ({n}x{k}, blocks of {bs})"
+            )));
+        }
+        let row_bytes = k / bs * ts;
+        let start = self.content.tensor_data_offset + info.offset;
+        if start + (n * row_bytes) as u64 > self.file_bytes {
+            return Err(EngineError::BadModel(format!(
+                "tensor {name} extends past the end of the file (truncated download?)"
+            )));
+        }
+        let read = |r: &mut R, at: u64, buf: &mut [u8]| {
+            r.seek(SeekFrom::Start(at))
+                .and_then(|_| r.read_exact(buf))
+                .map_err(|e| EngineError::BadModel(format!("reading tensor {name}: {e}")))
+        };
+        let mut bytes;
+        if cols == (0..k) {
+            bytes = vec![0u8; rows.len() * row_bytes];
+            read(
+                self.reader,
+                start + (rows.start * row_bytes) as u64,
+                &mut bytes,
+            )?;
+        } else {
+            let (skip, take) = (cols.start / bs * ts, cols.len() / bs * ts);
+            bytes = vec![0u8; rows.len() * take];
+            for (i, r) in rows.clone().enumerate() {
+                let at = start + (r * row_bytes + skip) as u64;
+                read(self.reader, at, &mut bytes[i * take..(i + 1) * take])?;
+            }
+        }
+        QWeight::from_ggml_bytes(dtype, rows.len(), cols.len(), &bytes)
+    }
+
     /// A 2-D weight `n x k`.
     fn weight(&mut self, name: &str) -> Result<QWeight, EngineError> {
         let (dtype, dims, bytes) = self.raw(name)?;
@@ -175,8 +333,9 @@ impl<R: Read + Seek> TensorReader<'_, R> {
     }
 }
 
-/// Checks every tensor's shape against the config, so a corrupt file fails at load, not mid-request.
-fn check_shapes(cfg: &ModelConfig, w: &Weights) -> Result<(), EngineError> {
+/// Checks every tensor's shape against the config (a shard's local config), so a corrupt file fails at
+/// load, not mid-request. `head_rows`: the LM head's rows (the whole vocabulary, or a shard's slice).
+fn check_shapes(cfg: &ModelConfig, w: &Weights, head_rows: usize) -> Result<(), EngineError> {
     let want = |name: &str, qw: &QWeight, n: usize, k: usize| {
         if qw.rows() == n && qw.cols() == k {
             Ok(())
@@ -218,7 +377,7 @@ fn check_shapes(cfg: &ModelConfig, w: &Weights) -> Result<(), EngineError> {
     }
     vec_len("output_norm", &w.norm, d)?;
     if let Some(h) = &w.lm_head {
-        want("output", h, cfg.vocab, d)?;
+        want("output", h, head_rows, d)?;
     }
     Ok(())
 }
@@ -294,7 +453,7 @@ pub fn load_safetensors(dir: &Path) -> Result<Model, EngineError> {
             None
         },
     };
-    check_shapes(&cfg, &weights)?;
+    check_shapes(&cfg, &weights, cfg.vocab)?;
     Model::new(cfg, Arc::new(weights))
 }
 

@@ -9,6 +9,10 @@
 //! whether computed alone, in a verify of k+1 positions, in a batch of sequences, or in any prefill
 //! chunking. The speculation loop relies on that for exact greedy losslessness.
 //!
+//! A model may be one rank's shard of a tensor-parallel group (`tp`): the same forward over its slice of
+//! the heads, FFN features and vocabulary, with an all-reduce after the attention output and FFN down
+//! projections and the head's slices gathered on rank 0.
+//!
 //! It does not sample and does not know about drafts; see `speculate.rs`.
 
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use crate::config::{ModelConfig, RopeStyle};
 use crate::error::EngineError;
 use crate::kv::KvCache;
 use crate::qweight::{dot_f32, QWeight};
+use crate::tp::{StatsSnapshot, TpRank};
 
 /// One decoder block's weights, named after the GGUF tensors they come from.
 #[derive(Debug)]
@@ -117,6 +122,8 @@ pub struct Model {
     head: Option<Arc<HeadSubset>>,
     /// Applied to the residual stream of the rows that want logits, before the final norm.
     adapter: Option<Arc<ExitAdapter>>,
+    /// This model's rank in a tensor-parallel group (its weights are that rank's shard).
+    tp: Option<Arc<TpRank>>,
 }
 
 impl Model {
@@ -134,13 +141,48 @@ impl Model {
             weights,
             head: None,
             adapter: None,
+            tp: None,
         })
+    }
+
+    /// This shard as rank `tp` of its group (the weights must be that rank's shard, from
+    /// `load::load_gguf_shard`).
+    pub fn with_tp(&self, tp: TpRank) -> Result<Self, EngineError> {
+        if self.head.is_some() || self.adapter.is_some() {
+            return Err(EngineError::InvalidRequest(
+                "a model with a trimmed head or an exit adapter cannot be tensor-parallel".into(),
+            ));
+        }
+        Ok(Self {
+            tp: Some(Arc::new(tp)),
+            ..self.clone()
+        })
+    }
+
+    /// This model's tensor-parallel membership, when it is a shard.
+    pub fn tp(&self) -> Option<&TpRank> {
+        self.tp.as_deref()
+    }
+
+    /// Bytes moved and time spent in collectives by this rank (`None` when not tensor-parallel).
+    pub fn tp_stats(&self) -> Option<StatsSnapshot> {
+        self.tp.as_ref().map(|t| t.stats())
+    }
+
+    fn refuse_tp(&self, what: &str) -> Result<(), EngineError> {
+        match &self.tp {
+            Some(_) => Err(EngineError::InvalidRequest(format!(
+                "{what} is not supported on a tensor-parallel model"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The same model with `adapter` applied before its final norm (`None` removes it).
     pub fn with_adapter(&self, adapter: Option<ExitAdapter>) -> Result<Self, EngineError> {
         if let Some(a) = &adapter {
             a.check(self.cfg.hidden)?;
+            self.refuse_tp("an exit adapter")?;
         }
         Ok(Self {
             adapter: adapter.map(Arc::new),
@@ -155,6 +197,7 @@ impl Model {
     /// The rows of the LM head as f32, one per logit column (all token ids, or a trimmed head's), and
     /// the final norm's weights: what a trainer needs to backpropagate through the head.
     pub fn head_f32(&self) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        self.refuse_tp("training through the head")?;
         let d = self.cfg.hidden;
         let full = self.full_head();
         let ids: Vec<u32> = match self.logit_ids() {
@@ -175,6 +218,7 @@ impl Model {
         cache: &mut KvCache,
         tokens: &[u32],
     ) -> Result<Vec<f32>, EngineError> {
+        self.refuse_tp("reading final hidden states")?;
         let mut batch = [SeqInput {
             cache,
             tokens,
@@ -199,6 +243,7 @@ impl Model {
             weights: Arc::clone(&self.weights),
             head: self.head.clone(),
             adapter: self.adapter.clone(),
+            tp: self.tp.clone(),
         })
     }
 
@@ -217,6 +262,7 @@ impl Model {
         prefix: usize,
         extra_ids: Vec<u32>,
     ) -> Result<Self, EngineError> {
+        self.refuse_tp("a trimmed head")?;
         let full = self.full_head();
         if prefix == 0 || prefix > full.rows() {
             return Err(EngineError::InvalidRequest(format!(
@@ -256,6 +302,7 @@ impl Model {
             cfg: self.cfg.clone(),
             weights: Arc::clone(&self.weights),
             adapter: self.adapter.clone(),
+            tp: None,
             head: Some(Arc::new(HeadSubset {
                 prefix,
                 extra,
@@ -286,9 +333,10 @@ impl Model {
         &self.weights
     }
 
-    /// A fresh cache for one sequence on this model.
+    /// A fresh cache for one sequence on this model (on a tensor-parallel rank: for its KV heads).
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.cfg.layers, self.cfg.kv_heads, self.cfg.head_dim)
+            .tracked(self.tp.as_ref().and_then(|t| t.drop_list()))
     }
 
     /// Feeds `tokens` to one sequence; returns the wanted logits, row-major `rows x vocab` (`rows x
@@ -307,19 +355,30 @@ impl Model {
         Ok(out.pop().unwrap_or_default())
     }
 
-    /// Feeds several sequences in one pass; returns, per sequence, its wanted logits row-major.
+    /// Feeds several sequences in one pass; returns, per sequence, its wanted logits row-major. On
+    /// rank 0 of a tensor-parallel group the other ranks run the same step on their shards.
     pub fn forward_batch(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        match &self.tp {
+            Some(tp) => tp.lead(self, batch),
+            None => self.forward_local(batch),
+        }
+    }
+
+    /// This rank's part of a forward (the whole forward without tensor parallelism).
+    pub(crate) fn forward_local(
+        &self,
+        batch: &mut [SeqInput<'_>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let Some(x) = self.run_layers(batch)? else {
             return Ok(batch.iter().map(|_| Vec::new()).collect());
         };
         self.head_rows(batch, &x)
     }
 
-    /// Embeds every fed token and runs the layers, filling the caches; the residual stream of every
-    /// row (`None` when nothing was fed).
-    fn run_layers(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<f32>>, EngineError> {
+    /// Checks every sequence of a batch (cache shape, context, token ids) before anything is touched,
+    /// so a bad input leaves every sequence intact (and a tensor-parallel group in step).
+    pub(crate) fn validate(&self, batch: &[SeqInput<'_>]) -> Result<(), EngineError> {
         let cfg = &self.cfg;
-        // Validate everything before touching any cache, so a bad input leaves every sequence intact.
         for s in batch.iter() {
             if s.cache.layers() != cfg.layers {
                 return Err(EngineError::Internal(format!(
@@ -342,6 +401,14 @@ impl Model {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Embeds every fed token and runs the layers, filling the caches; the residual stream of every
+    /// row (`None` when nothing was fed).
+    fn run_layers(&self, batch: &mut [SeqInput<'_>]) -> Result<Option<Vec<f32>>, EngineError> {
+        let cfg = &self.cfg;
+        self.validate(batch)?;
         // Rows: (sequence index, absolute position).
         let rows: Vec<(usize, usize)> = batch
             .iter()
@@ -381,7 +448,10 @@ impl Model {
                     .push(li, &k[r * kvd..(r + 1) * kvd], &v[r * kvd..(r + 1) * kvd]);
             }
             let attn = attention(cfg, li, &rows, &q, batch, qd);
-            let o = layer.wo.matmul(&attn, m);
+            let mut o = layer.wo.matmul(&attn, m);
+            if let Some(tp) = &self.tp {
+                tp.comm().all_reduce_sum(&mut o)?;
+            }
             add_into(&mut x, &o);
             rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
             let mut g = layer.w_gate.matmul(&h, m);
@@ -389,7 +459,10 @@ impl Model {
             for (gi, ui) in g.iter_mut().zip(u.iter()) {
                 *gi = silu(*gi) * ui;
             }
-            let down = layer.w_down.matmul(&g, m);
+            let mut down = layer.w_down.matmul(&g, m);
+            if let Some(tp) = &self.tp {
+                tp.comm().all_reduce_sum(&mut down)?;
+            }
             add_into(&mut x, &down);
         }
         for s in batch.iter_mut() {
@@ -432,10 +505,20 @@ impl Model {
         }
         let (logits, vocab) = match (&self.head, want_rows.len()) {
             (_, 0) => (Vec::new(), 0),
-            (None, w) => {
-                let head = self.full_head();
-                (head.matmul(&sel, w), head.rows())
-            }
+            (None, w) => match &self.tp {
+                None => {
+                    let head = self.full_head();
+                    (head.matmul(&sel, w), head.rows())
+                }
+                Some(tp) => {
+                    // Each rank has a slice of the vocabulary; rank 0 puts the rows back together.
+                    let local = self.full_head().matmul(&sel, w);
+                    match tp.comm().gather(&local)? {
+                        None => return Ok(batch.iter().map(|_| Vec::new()).collect()),
+                        Some(parts) => (interleave_rows(&parts, w), cfg.vocab),
+                    }
+                }
+            },
             (Some(h), w) => {
                 let (p, e) = (h.prefix.rows(), h.extra.rows());
                 let a = h.prefix.matmul(&sel, w);
@@ -466,6 +549,20 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// Rows of logits put back together from each rank's vocabulary slice (`parts[rank]` is `rows x
+/// slice`, slices in rank order).
+fn interleave_rows(parts: &[Vec<f32>], rows: usize) -> Vec<f32> {
+    let total: usize = parts.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(total);
+    for r in 0..rows {
+        for p in parts {
+            let n = p.len() / rows;
+            out.extend_from_slice(&p[r * n..(r + 1) * n]);
+        }
+    }
+    out
 }
 
 /// Query rows of one sequence and head handled together, so each key and value is loaded once for all of

@@ -103,7 +103,8 @@ pub fn trim_draft_head(
     limit: usize,
 ) -> Result<Model, EngineError> {
     let vocab = model.config().vocab;
-    if limit == 0 || limit >= vocab {
+    // A tensor-parallel self-drafter keeps the full head: it is split over the ranks like the target's.
+    if limit == 0 || limit >= vocab || model.tp().is_some() {
         return Ok(model.clone());
     }
     let mut extra: Vec<u32> = stop_ids

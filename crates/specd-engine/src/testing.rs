@@ -30,6 +30,9 @@ pub struct TinySpec {
     pub seed: u64,
     /// Scale of the random weights; larger makes sharper (less uniform) next-token distributions.
     pub scale: f32,
+    /// Every tensor in f32 instead of the quantized formats (no activation quantization either: an
+    /// engine path whose arithmetic differs only by float rounding stays within rounding).
+    pub float: bool,
 }
 
 impl TinySpec {
@@ -44,6 +47,7 @@ impl TinySpec {
             context: 512,
             seed,
             scale: 0.15,
+            float: false,
         }
     }
 }
@@ -118,6 +122,15 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), EngineError>
     let head_dim = spec.hidden / spec.heads;
     let (d, q, kv, f) = (spec.hidden, spec.hidden, spec.kv_heads * head_dim, spec.ffn);
     let mut rng = Rng(spec.seed);
+    let tensor = |name: &str, n: usize, k: usize, data: Vec<f32>, dtype: GgmlDType| {
+        tensor(
+            name,
+            n,
+            k,
+            data,
+            if spec.float { GgmlDType::F32 } else { dtype },
+        )
+    };
     let s = spec.scale;
     let mut t = vec![tensor(
         "token_embd.weight",

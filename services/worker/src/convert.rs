@@ -80,6 +80,8 @@ pub fn status(e: EngineError) -> Status {
         | EngineError::Params(_)
         | EngineError::TokenizerMismatch { .. } => Status::invalid_argument(e.to_string()),
         EngineError::Dist(_) | EngineError::Verify(_) => Status::invalid_argument(e.to_string()),
+        // A tensor-parallel group that lost a rank: this worker cannot serve, another target can.
+        EngineError::Collective(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
