@@ -664,3 +664,41 @@ fn help_and_models_fetch_exist() {
     let out = specd(std::iter::empty::<&str>());
     assert!(!out.success(), "no subcommand must be an error");
 }
+
+#[test]
+fn generate_tp2_prints_the_same_text_as_tp1_and_refuses_degrees_that_do_not_fit() {
+    let fx = Fixture::new();
+    // f32 weights: TP=2 equals TP=1 within rounding, so greedy text is the same token for token.
+    let float = write_tiny(
+        fx.dir.path(),
+        &specd_engine::testing::TinySpec {
+            float: true,
+            ..tiny_spec(Family::Qwen2, 5)
+        },
+    );
+    let prompt = [
+        "--raw",
+        "--prompt",
+        "hello world, hello",
+        "--max-new-tokens",
+        "24",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = prompt.to_vec();
+        a.extend_from_slice(extra);
+        fx.generate(&float, &a)
+    };
+    let one = with(&["--drafter", "none"]);
+    assert!(one.success(), "{one:#?}");
+    for drafter in ["none", "self", "ngram"] {
+        let two = with(&["--drafter", drafter, "--tp", "2", "--threads", "2"]);
+        assert!(two.success(), "{two:#?}");
+        assert_eq!(two.stdout, one.stdout, "--tp 2 --drafter {drafter}");
+        if drafter == "none" {
+            assert!(two.stderr.contains("tensor parallel"), "{}", two.stderr);
+        }
+    }
+    // 4 query heads and 2 KV heads: degree 3 does not divide them.
+    assert_clean_failure(&with(&["--tp", "3"]), "degree 3", "--tp 3");
+    assert_clean_failure(&with(&["--tp", "0"]), "--tp", "--tp 0");
+}

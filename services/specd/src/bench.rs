@@ -65,6 +65,10 @@ struct Row {
     greedy_equal: bool,
     tokens: usize,
     speedup_vs_target: f64,
+    /// With `--tp`: the share of decode time rank 0 spent in collectives (transfers and waiting for the
+    /// other ranks), and the bytes it sent and received per generated token (prefill included).
+    tp_collective_share: f64,
+    tp_bytes_per_token: f64,
 }
 
 /// Sums over the prompts of one set for one config.
@@ -78,6 +82,8 @@ struct Accum {
     draft_ms: f64,
     verify_ms: f64,
     unequal: bool,
+    tp_ms: f64,
+    tp_bytes: u64,
 }
 
 impl Accum {
@@ -94,6 +100,7 @@ impl Accum {
 struct Report {
     machine: String,
     threads: usize,
+    tp: usize,
     max_new_tokens: usize,
     target_file_bytes: u64,
     draft_file_bytes: u64,
@@ -103,7 +110,7 @@ struct Report {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     init_threads(args.model.threads)?;
-    let (preset, target) = load_target(&args.model)?;
+    let (preset, target) = load_target(&args.model, Some(&args.tp))?;
     let draft = match args
         .model
         .draft_model
@@ -214,8 +221,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut opts = GenerateOptions::new(args.max_new_tokens, params.clone());
                 opts.draft_len = cfg.k;
                 opts.stop_ids = stop.clone();
+                let before = target.model.tp_stats();
                 let (out, st) = generators[ci].generate(ids, &opts, |_| true)?;
                 let a = &mut acc[ci];
+                if let (Some(b), Some(now)) = (before, target.model.tp_stats()) {
+                    let d = now.since(&b);
+                    a.tp_ms += d.nanos as f64 / 1e6;
+                    a.tp_bytes += d.bytes_sent + d.bytes_received;
+                }
                 a.tokens += st.generated.saturating_sub(1);
                 a.decode_ms += st.decode_ms;
                 a.steps += st.steps;
@@ -267,12 +280,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 } else {
                     0.0
                 },
+                tp_collective_share: if a.decode_ms > 0.0 {
+                    round(a.tp_ms / a.decode_ms)
+                } else {
+                    0.0
+                },
+                tp_bytes_per_token: if a.tokens > 0 {
+                    round(a.tp_bytes as f64 / a.tokens as f64)
+                } else {
+                    0.0
+                },
             });
         }
     }
     let report = Report {
         machine: machine_description(),
         threads: rayon::current_num_threads(),
+        tp: args.tp.tp,
         max_new_tokens: args.max_new_tokens,
         target_file_bytes: target.file_bytes,
         draft_file_bytes: draft.as_ref().map_or(0, |d| d.file_bytes),
@@ -292,6 +316,22 @@ fn print_table(r: &Report) {
         "specd bench: {} threads, {} new tokens, greedy; {}",
         r.threads, r.max_new_tokens, r.machine
     );
+    if r.tp > 1 {
+        println!(
+            "target split over {} ranks (threads of this process); coll = share of decode time rank 0 \
+             spent in collectives, KB/tok = bytes it moved per generated token",
+            r.tp
+        );
+        for c in r.configs.iter().filter(|c| c.tp_bytes_per_token > 0.0) {
+            println!(
+                "  {:<20} {:<6} coll {:>5.1}%  {:>8.1} KB/tok",
+                c.name,
+                c.prompt_set,
+                100.0 * c.tp_collective_share,
+                c.tp_bytes_per_token / 1024.0
+            );
+        }
+    }
     println!(
         "{:<20} {:<6} {:<8} {:<6} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>7}",
         "config",

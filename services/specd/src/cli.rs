@@ -99,10 +99,40 @@ impl ModelArgs {
     }
 }
 
+/// Tensor parallelism inside one process: the target split over ranks that are threads of it.
+#[derive(Debug, Clone, Args)]
+pub struct TpArgs {
+    /// Split the target over this many ranks (threads of this process over loopback TCP, each with
+    /// `--threads / tp` kernel threads, at least one). 1: no split.
+    #[arg(long, env = "SPECD_TP", default_value_t = 1)]
+    pub tp: usize,
+    /// Bound on every collective of the group; a rank that does not answer in time fails the group.
+    #[arg(long, env = "SPECD_TP_TIMEOUT_SECS", default_value_t = 60)]
+    pub tp_timeout_secs: u64,
+}
+
+impl TpArgs {
+    /// The in-process group options for a machine of `threads` kernel threads.
+    pub fn local_options(&self, threads: usize) -> anyhow::Result<specd_engine::tp::LocalOptions> {
+        if self.tp == 0 {
+            bail!("--tp must be at least 1");
+        }
+        if self.tp_timeout_secs == 0 {
+            bail!("--tp-timeout-secs must be at least 1");
+        }
+        Ok(specd_engine::tp::LocalOptions {
+            threads_per_rank: (threads / self.tp).max(1),
+            timeout: std::time::Duration::from_secs(self.tp_timeout_secs),
+        })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub tp: TpArgs,
     /// Drafter: none, model, self, ngram or auto.
     #[arg(long, env = "SPECD_DRAFTER", default_value = "auto")]
     pub drafter: String,
@@ -142,6 +172,8 @@ pub struct GenerateArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub tp: TpArgs,
     /// Tokens generated per prompt.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,

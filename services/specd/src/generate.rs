@@ -9,16 +9,26 @@ use specd_engine::preset::{build_drafter, load_draft_for};
 use specd_engine::{load_gguf, GenerateOptions, Generator, LoadedModel, Preset};
 use specd_tokenizer::DecodeStream;
 
-use crate::cli::{init_threads, GenerateArgs, ModelArgs};
+use crate::cli::{init_threads, GenerateArgs, ModelArgs, TpArgs};
 
-/// The target model of `args`.
-pub fn load_target(args: &ModelArgs) -> anyhow::Result<(Preset, LoadedModel)> {
+/// The target model of `args`, split over `tp.tp` ranks of this process when asked.
+pub fn load_target(args: &ModelArgs, tp: Option<&TpArgs>) -> anyhow::Result<(Preset, LoadedModel)> {
     let preset: Preset = args.model_preset.parse()?;
     let path = args
         .model
         .clone()
         .unwrap_or_else(|| preset.target_path(&args.models_dir));
-    let model = load_gguf(&path)?;
+    let model = match tp {
+        Some(tp) if tp.tp > 1 => {
+            let opts = tp.local_options(rayon::current_num_threads())?;
+            specd_engine::tp::load_gguf_local(&path, tp.tp, &opts)?
+        }
+        Some(tp) => {
+            tp.local_options(1)?;
+            load_gguf(&path)?
+        }
+        None => load_gguf(&path)?,
+    };
     Ok((preset, model))
 }
 
@@ -57,7 +67,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let (preset, target) = load_target(&args.model)?;
+    let (preset, target) = load_target(&args.model, Some(&args.tp))?;
     let context = target.model.config().context;
     if args.max_new_tokens > context {
         bail!(
@@ -88,6 +98,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_error = None;
+    let tp_before = target.model.tp_stats();
     let (_, stats) = generator.generate(&ids, &opts, |tokens| {
         let piece = match stream.push_many(tokens) {
             Ok(p) => p,
@@ -108,6 +119,20 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(e) = io_error {
         return Err(e);
     }
+    let tp = match (tp_before, target.model.tp_stats()) {
+        (Some(b), Some(now)) => {
+            let d = now.since(&b);
+            let total_ms = stats.prefill_ms + stats.decode_ms;
+            Some(serde_json::json!({
+                "ranks": args.tp.tp,
+                "collective_ms": round(d.nanos as f64 / 1e6),
+                "collective_share": round(d.nanos as f64 / 1e6 / total_ms.max(1e-9)),
+                "collectives": d.calls,
+                "bytes_per_token": round((d.bytes_sent + d.bytes_received) as f64 / stats.generated.max(1) as f64),
+            }))
+        }
+        _ => None,
+    };
     let line = serde_json::json!({
         "drafter": kind.name(),
         "prompt_tokens": stats.prompt_tokens,
@@ -123,6 +148,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         "verify_ms": round(stats.verify_ms),
         "decode_ms": round(stats.decode_ms),
         "finish": format!("{:?}", stats.finish.unwrap_or(specd_engine::FinishReason::Length)).to_lowercase(),
+        "tp": tp,
     });
     if args.json_stats {
         eprintln!("{line}");
@@ -137,6 +163,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             stats.steps,
             stats.prefill_ms
         );
+        if let Some(tp) = &tp {
+            eprintln!("[specd] tensor parallel: {tp}");
+        }
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ use specd_worker::target::{
 };
 use specd_worker::{serve_worker, ServeOptions, WorkerIdentity};
 
-use crate::cli::{init_threads, ModelArgs};
+use crate::cli::{init_threads, ModelArgs, TpArgs};
 
 mod check;
 mod kv;
@@ -129,6 +129,8 @@ impl SampleArgs {
 pub struct TargetArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub tp: TpArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
     /// gRPC listen address.
@@ -701,6 +703,37 @@ where
     Ok(())
 }
 
+/// The target, split over `tp.tp` ranks running as threads of this process when asked (rank 0 serves;
+/// the group registers once, with its capacity).
+fn load_target_split(path: &std::path::Path, tp: &TpArgs) -> anyhow::Result<LoadedModel> {
+    let opts = tp.local_options(rayon::current_num_threads())?;
+    let target = if tp.tp > 1 {
+        specd_engine::tp::load_gguf_local(path, tp.tp, &opts)?
+    } else {
+        load_gguf(path)?
+    };
+    if let Some(t) = target.model.tp() {
+        tracing::info!(
+            ranks = tp.tp,
+            threads_per_rank = opts.threads_per_rank,
+            heads = ?t.plan().heads,
+            "target split over tensor-parallel ranks in this process"
+        );
+    }
+    Ok(target)
+}
+
+/// The model's config with the whole group's KV heads (a rank's config holds its own), for sizing the
+/// KV budget of a process that holds every rank.
+fn whole_config(model: &specd_engine::Model) -> specd_engine::ModelConfig {
+    let mut cfg = model.config().clone();
+    if let Some(t) = model.tp() {
+        cfg.kv_heads *= t.plan().world;
+        cfg.heads *= t.plan().world;
+    }
+    cfg
+}
+
 pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
     let a = &args;
     if a.service.check_config {
@@ -714,7 +747,7 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
         false,
         |store, shutdown| async move {
             let (_, path) = target_file(&a.model)?;
-            let target = load_gguf(&path)?;
+            let target = load_target_split(&path, &a.tp)?;
             let running = start_target(
                 &target,
                 &a.service,
@@ -724,7 +757,7 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
                     max_batch_tokens: a.max_batch_tokens,
                     prefill_chunk: a.prefill_chunk,
                     stream_idle: a.service.stream_idle(),
-                    kv_tokens: Some(a.kv.budget(target.model.config())?),
+                    kv_tokens: Some(a.kv.budget(&whole_config(&target.model))?),
                 },
                 a.samples.config()?,
                 store,

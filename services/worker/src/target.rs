@@ -157,6 +157,8 @@ struct Engine {
     counters: EngineCounters,
     /// Where captured distillation samples go; `None`: capture off.
     samples: Option<SampleSink>,
+    /// Failed when the model cannot compute any more (a tensor-parallel group lost a rank).
+    drain: Drain,
 }
 
 impl Engine {
@@ -165,8 +167,10 @@ impl Engine {
         limits: BatchLimits,
         counters: EngineCounters,
         samples: Option<SampleSink>,
+        drain: Drain,
     ) -> Self {
         Self {
+            drain,
             samples,
             counters,
             model,
@@ -360,6 +364,12 @@ impl Engine {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
+                // A tensor-parallel group that lost a rank cannot compute again: leave placement
+                // (the worker drains and exits; its routers re-prefill elsewhere).
+                if matches!(e, specd_engine::EngineError::Collective(_)) {
+                    tracing::error!(error = %e, "tensor-parallel group failed; shutting the worker down");
+                    self.drain.fail();
+                }
                 // Inputs were validated, so this is an engine fault: fail these steps, keep the
                 // sequences (their caches are untouched by a refused forward).
                 let status = convert::status(e);
@@ -526,7 +536,9 @@ fn prepare_step(
     };
     s.tokens.truncate(keep);
     s.tokens.extend_from_slice(&step.append_ids);
-    let fed = s.cache.len().min(keep);
+    // The cache holds every context token but the last: a rollback to `keep` (or below what is
+    // cached) re-feeds the last kept token, whose logits verify the first draft.
+    let fed = s.cache.len().min(keep).min(new_len - 1);
     s.cache.truncate(fed);
     let mut feed = s.tokens[fed..].to_vec();
     feed.extend_from_slice(&step.drafts);
@@ -624,7 +636,7 @@ impl TargetService {
     ) -> anyhow::Result<Self> {
         let (tx, rx) = std_mpsc::channel();
         let counters = EngineCounters::default();
-        let engine = Engine::new(model, limits, counters.clone(), samples);
+        let engine = Engine::new(model, limits, counters.clone(), samples, drain.clone());
         let stop = drain.clone();
         std::thread::Builder::new()
             .name("specd-target-engine".into())
@@ -880,6 +892,7 @@ mod tests {
             },
             EngineCounters::default(),
             None,
+            Drain::new(),
         );
         let thread = std::thread::spawn(move || engine.run(rx));
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,6 +1,7 @@
 //! A target worker's Verify streams served over loopback gRPC, against a tiny random-weight model:
 //! prefill progress, an abandoned prefill given up on the engine thread, an idle stream ended, and
-//! distillation samples captured and streamed to a (mock) trainer found in the coordination store.
+//! distillation samples captured and streamed to a (mock) trainer found in the coordination store; a
+//! tensor-parallel target answering like an unsplit one, and leaving placement when a rank dies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -35,28 +36,11 @@ async fn serve_with(
     spec.layers = 4;
     write_tiny_model(&path, &spec).expect("write");
     let model = load_gguf(&path).expect("load").model;
-    let svc = TargetService::start(
-        model,
-        WorkerIdentity {
-            context: 8192,
-            ..WorkerIdentity::default()
-        },
-        4,
-        limits,
-        samples,
-        Drain::new(),
-    )
-    .expect("start");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let server = TargetServer::new(svc.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(server)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let identity = WorkerIdentity {
+        context: 8192,
+        ..WorkerIdentity::default()
+    };
+    let (svc, addr) = serve_model(model, identity, limits, samples, Drain::new()).await;
     (svc, addr, dir)
 }
 
@@ -290,15 +274,26 @@ async fn open_allowing_samples(
     mpsc::Sender<pb::VerifyRequest>,
     tonic::Streaming<pb::VerifyResponse>,
 ) {
-    let mut client = TargetClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(2);
     let mut o = open(prompt, false);
     if let Some(pb::verify_request::Msg::Open(open)) = o.msg.as_mut() {
         open.emit_samples = true;
     }
-    tx.send(o).await.expect("send");
+    open_stream(addr, o).await
+}
+
+/// Opens a Verify stream with `open`; its request sender and answers, after Opened.
+async fn open_stream(
+    addr: &str,
+    open: pb::VerifyRequest,
+) -> (
+    mpsc::Sender<pb::VerifyRequest>,
+    tonic::Streaming<pb::VerifyResponse>,
+) {
+    let mut client = TargetClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(open).await.expect("send");
     let mut answers = client
         .verify(ReceiverStream::new(rx))
         .await
@@ -326,15 +321,10 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
     use specd_proto::internal::v1::trainer_server::TrainerServer;
     // The trainer, registered in the store the sender reads.
     let trainer = MockTrainer::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let trainer_addr = listener.local_addr().expect("addr").to_string();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TrainerServer::new(trainer.clone()))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let trainer_addr = on_loopback(
+        tonic::transport::Server::builder().add_service(TrainerServer::new(trainer.clone())),
+    )
+    .await;
     let store = specd_coord::Store::memory();
     // It leads the model's trainer election: the key holds its address.
     store
@@ -389,13 +379,12 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
 
     let (tx, mut answers) = open_allowing_samples(&addr, prompt.clone()).await;
     // Two drafts accepted, the third rejected (the target answers seq[n + 2]).
-    tx.send(step(n, vec![], vec![seq[n], seq[n + 1], wrong], "model"))
-        .await
-        .expect("send");
-    let r = answers.message().await.expect("ok").expect("result");
-    let Some(pb::verify_response::Msg::StepResult(r)) = r.msg else {
-        panic!("{r:?}")
-    };
+    let r = step_result(
+        &tx,
+        &mut answers,
+        step(n, vec![], vec![seq[n], seq[n + 1], wrong], "model"),
+    )
+    .await;
     assert_eq!((r.accepted, r.next_token), (2, seq[n + 2]));
     // A plain step.
     tx.send(step(n + 2, vec![seq[n + 2]], vec![], ""))
@@ -469,4 +458,150 @@ async fn without_a_trainer_nothing_is_captured_and_serving_goes_on() {
     drop(answers);
     until("the sequence to close", || svc.held() == 0).await;
     assert_eq!(stats.captured.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// A target service over `model` on 127.0.0.1; its address.
+async fn serve_model(
+    model: specd_engine::Model,
+    identity: WorkerIdentity,
+    limits: BatchLimits,
+    samples: Option<SampleSink>,
+    drain: Drain,
+) -> (TargetService, String) {
+    let svc = TargetService::start(model, identity, 4, limits, samples, drain).expect("start");
+    let addr = on_loopback(
+        tonic::transport::Server::builder().add_service(TargetServer::new(svc.clone())),
+    )
+    .await;
+    (svc, addr)
+}
+
+/// Serves `router` on a fresh 127.0.0.1 port; its address.
+async fn on_loopback(router: tonic::transport::server::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(router.serve_with_incoming(TcpListenerStream::new(listener)));
+    addr
+}
+
+fn float_tiny(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("tiny-f32.gguf");
+    let spec = TinySpec {
+        float: true,
+        ..TinySpec::new(Family::Qwen2, 3)
+    };
+    write_tiny_model(&path, &spec).expect("write");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tensor_parallel_target_verifies_like_an_unsplit_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = float_tiny(dir.path());
+    let plain = load_gguf(&path).expect("load").model;
+    let split = specd_engine::tp::load_gguf_local(&path, 2, &Default::default())
+        .expect("load over 2 ranks")
+        .model;
+    let (_svc, addr) = serve_model(
+        split,
+        Default::default(),
+        Default::default(),
+        None,
+        Drain::new(),
+    )
+    .await;
+    let prompt: Vec<u32> = vec![11, 22, 33, 44, 55];
+    let n = prompt.len();
+    let mut seq = prompt.clone();
+    for _ in 0..5 {
+        let l = plain
+            .forward(
+                &mut plain.new_cache(),
+                &seq,
+                specd_engine::LogitsWanted::Last,
+            )
+            .expect("forward");
+        seq.push(specd_core::argmax(&l));
+    }
+    let (answer, tx) = first_answer(&addr, open(prompt.clone(), false)).await;
+    assert!(matches!(
+        answer.expect("opened").msg,
+        Some(pb::verify_response::Msg::Opened(_))
+    ));
+    drop(tx);
+    // On one stream: four drafts of the unsplit model's greedy text are all accepted and the fifth
+    // token is its next one; then a step that rolls the context back below the cache re-feeds the last
+    // kept token on every rank, and a rejected draft is answered with the unsplit model's token.
+    let (tx, mut answers) = open_stream(&addr, open(prompt, false)).await;
+    let r = step_result(
+        &tx,
+        &mut answers,
+        step(n, vec![], seq[n..n + 4].to_vec(), "model"),
+    )
+    .await;
+    assert_eq!((r.accepted, r.next_token), (4, seq[n + 4]));
+    let wrong = (seq[n + 1] + 1) % 200;
+    let r = step_result(
+        &tx,
+        &mut answers,
+        step(n, vec![], vec![seq[n], wrong], "model"),
+    )
+    .await;
+    assert_eq!((r.accepted, r.next_token), (1, seq[n + 1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_whose_rank_died_answers_unavailable_and_leaves_placement() {
+    use specd_engine::tp::{TcpCollective, TpRank};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = float_tiny(dir.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let at = listener.local_addr().expect("addr");
+    let timeout = Duration::from_secs(5);
+    let p = path.clone();
+    let follower = std::thread::spawn(move || {
+        let (m, plan) = specd_engine::load::load_gguf_shard(&p, 1, 2).expect("shard");
+        let comm = TcpCollective::join(at, 1, 2, 9, timeout).expect("join");
+        // Joins the group, then dies before the first step.
+        drop(
+            m.model
+                .with_tp(TpRank::new(plan, Box::new(comm), None).expect("rank")),
+        );
+    });
+    let (m, plan) = specd_engine::load::load_gguf_shard(&path, 0, 2).expect("shard");
+    let comm = TcpCollective::lead(listener, 2, 9, timeout).expect("lead");
+    let model = m
+        .model
+        .with_tp(TpRank::new(plan, Box::new(comm), None).expect("rank"))
+        .expect("tp");
+    follower.join().expect("follower");
+    let drain = Drain::new();
+    let (_svc, addr) = serve_model(
+        model,
+        Default::default(),
+        Default::default(),
+        None,
+        drain.clone(),
+    )
+    .await;
+    let (answer, _tx) = first_answer(&addr, open(vec![1, 2, 3], false)).await;
+    let status = answer.expect_err("no answer from a broken group");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    until("the worker to leave placement", || drain.has_failed()).await;
+}
+
+/// Sends one step on an open stream and waits for its result.
+async fn step_result(
+    tx: &mpsc::Sender<pb::VerifyRequest>,
+    answers: &mut tonic::Streaming<pb::VerifyResponse>,
+    req: pb::VerifyRequest,
+) -> pb::verify_response::StepResult {
+    tx.send(req).await.expect("send");
+    let r = answers.message().await.expect("ok").expect("result");
+    let Some(pb::verify_response::Msg::StepResult(r)) = r.msg else {
+        panic!("{r:?}")
+    };
+    r
 }

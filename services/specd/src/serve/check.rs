@@ -100,6 +100,7 @@ pub fn target(a: &TargetArgs) -> anyhow::Result<()> {
     positive("--prefill-chunk", a.prefill_chunk as u64)?;
     a.kv.check()?;
     a.samples.config()?;
+    a.tp.local_options(1)?;
     ok("target")
 }
 
