@@ -6,6 +6,8 @@
 //! - A drafter killed mid-stream costs no request and changes no output; a target killed mid-request
 //!   hands the rest of the request to another target (re-prefilled from the tokens so far); with no
 //!   target left the answer is UNAVAILABLE and nothing hangs.
+//! - A target split over two processes (`--rank`/`--world`, meeting through etcd) serves like the
+//!   unsplit model; when a rank dies, rank 0 leaves placement and exits and its requests go on elsewhere.
 //! - etcd restarting while serving: serving goes on and registrations come back; a worker that dies
 //!   leaves placement within its lease TTL.
 //! - Bad requests get INVALID_ARGUMENT naming the field; overload gets RESOURCE_EXHAUSTED; SIGTERM drains
@@ -23,6 +25,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use specd_coord::testing::{etcd_or_skip, EtcdServer};
+use specd_engine::testing::TinySpec;
 use specd_engine::{load_gguf, Family, LoadedModel};
 use specd_proto::internal::v1::target_client::TargetClient;
 use specd_proto::internal::v1::InfoRequest;
@@ -143,6 +146,8 @@ struct Cluster {
     router: Option<Proc>,
     drafters: Vec<Proc>,
     targets: Vec<Proc>,
+    /// Tensor-parallel ranks other than 0 (they serve nothing themselves).
+    ranks: Vec<Proc>,
     grpc: String,
     http: String,
     /// Extra arguments for every worker started from now on.
@@ -186,6 +191,30 @@ impl Cluster {
             .to_string();
         self.targets.push(p);
         self.target_addrs.push(addr);
+    }
+
+    /// Starts rank `rank` (> 0) of the tensor-parallel group `group` of `world` processes; it returns
+    /// once the rank has loaded its shard (it then waits for rank 0's record in etcd).
+    fn start_rank(&mut self, group: &str, rank: usize, world: usize) {
+        let mut args = vec![
+            "target".to_string(),
+            "--threads".into(),
+            "1".into(),
+            "--rank".into(),
+            rank.to_string(),
+            "--world".into(),
+            world.to_string(),
+            "--tp-group".into(),
+            group.into(),
+        ];
+        args.extend(self.common());
+        args.extend(self.worker_extra.iter().cloned());
+        let (p, banner) = Proc::start(&format!("{group}-rank{rank}"), &args, self.dir.path());
+        assert_eq!(
+            banner,
+            format!("tensor-parallel rank {rank} of {world} (group {group}) loaded")
+        );
+        self.ranks.push(p);
     }
 
     /// Starts a trainer process; it and its address.
@@ -264,25 +293,31 @@ impl Cluster {
         worker_extra: &[&str],
         target_extra: &[&str],
     ) -> Option<Cluster> {
+        let mut c = Cluster::new(sel, worker_extra, target_extra).await?;
+        c.start_target();
+        c.start_drafter();
+        c.start_router(router_extra);
+        c.wait_ready().await;
+        Some(c)
+    }
+
+    /// Etcd alone: the caller starts the processes.
+    async fn new(sel: ModelSel, worker_extra: &[&str], target_extra: &[&str]) -> Option<Cluster> {
         let etcd = etcd_or_skip().await?;
-        let mut c = Cluster {
+        Some(Cluster {
             etcd,
             sel,
             dir: temp_dir(),
             router: None,
             drafters: Vec::new(),
             targets: Vec::new(),
+            ranks: Vec::new(),
             grpc: String::new(),
             http: String::new(),
             worker_extra: worker_extra.iter().map(|s| s.to_string()).collect(),
             target_extra: target_extra.iter().map(|s| s.to_string()).collect(),
             target_addrs: Vec::new(),
-        };
-        c.start_target();
-        c.start_drafter();
-        c.start_router(router_extra);
-        c.wait_ready().await;
-        Some(c)
+        })
     }
 
     async fn client(&self) -> GenerationClient<Channel> {
@@ -355,6 +390,7 @@ impl Cluster {
             .iter()
             .chain(&self.drafters)
             .chain(&self.targets)
+            .chain(&self.ranks)
         {
             s += &format!("--- {} ---\n{}\n", p.name, p.log_tail());
         }
@@ -773,6 +809,140 @@ async fn a_dead_target_hands_over_and_none_left_is_unavailable() {
         .expect_err("no target left");
     assert_eq!(err.code(), Code::Unavailable, "{err}");
     assert!(t0.elapsed() < Duration::from_secs(10), "answered promptly");
+}
+
+/// Rank 0's extra target flags in a group of two processes named `group`.
+fn rank0_args(group: &'static str) -> Vec<&'static str> {
+    vec![
+        "--rank",
+        "0",
+        "--world",
+        "2",
+        "--tp-group",
+        group,
+        "--tp-listen",
+        "127.0.0.1:0",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_split_over_processes_serves_and_a_dead_rank_hands_over() {
+    // f32 weights: the split model's greedy text is the unsplit one's (float rounding alone differs).
+    let dir = temp_dir();
+    let spec = TinySpec {
+        ffn: 768,
+        float: true,
+        ..tiny_spec(Family::Qwen2, 17)
+    };
+    let path = write_tiny(dir.path(), &spec);
+    let model = load_gguf(&path).expect("tiny model");
+    let split = specd_engine::tp::load_gguf_local(&path, 2, &Default::default()).expect("TP=2");
+    let max_new = 200;
+    for p in PROMPTS {
+        assert_eq!(
+            reference(&split, p, max_new),
+            reference(&model, p, max_new),
+            "TP=2 in one process vs unsplit, prompt {p:?}"
+        );
+    }
+    drop(split);
+    let mut rank0 = rank0_args("g1");
+    // Longer than the test's pause of rank 1 below: the kill, not a timeout, fails the group.
+    rank0.extend(["--tp-timeout-secs", "50"]);
+    let Some(mut c) = Cluster::new(tiny_sel(&path), &[], &rank0).await else {
+        return;
+    };
+    // Rank 1 first: it loads and waits for rank 0's record; rank 0 answers once the group has formed.
+    c.start_rank("g1", 1, 2);
+    c.start_target();
+    c.target_extra.clear();
+    c.start_drafter();
+    c.start_router(&[]);
+    c.wait_ready().await;
+    check_equal(&c, &model, 24, &["none", "self", "ngram"]).await;
+
+    // Streams on the group (the only target), then rank 1 paused mid-stream while a plain target
+    // joins, then killed: rank 0's step fails, it leaves placement and the streams go on elsewhere.
+    let requests = PROMPTS
+        .iter()
+        .zip(["self", "ngram"])
+        .map(|(p, d)| request(p, max_new as u32, d));
+    let tasks = c.streams_flowing(requests.collect()).await;
+    c.ranks[0].signal("-STOP");
+    c.start_target();
+    let end = Instant::now() + WAIT;
+    while router_health(&c.http)["targets"] != 2 {
+        assert!(Instant::now() < end, "second target never registered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.ranks[0].kill();
+    for (i, (ids, _)) in c.finished(tasks).await.into_iter().enumerate() {
+        assert_eq!(ids, reference(&model, PROMPTS[i], max_new), "request {i}");
+    }
+    assert!(
+        c.router_log()
+            .contains("target failed; re-prefilling on another"),
+        "the requests were in flight on the group when it failed\n{}",
+        c.logs()
+    );
+    let code = c.targets[0].wait_exit(WAIT);
+    assert_ne!(
+        code,
+        Some(0),
+        "rank 0 of a failed group exits with an error"
+    );
+    assert!(
+        std::fs::read_to_string(&c.targets[0].log)
+            .unwrap_or_default()
+            .contains("tensor-parallel group failed"),
+        "{}",
+        c.logs()
+    );
+    check_equal(&c, &model, 24, &["none", "self"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_processes_drains_together_and_a_rank_without_rank_0_exits() {
+    let dir = temp_dir();
+    let path = write_tiny(dir.path(), &tiny_spec(Family::Qwen2, 19));
+    let rank0 = rank0_args("g2");
+    let Some(mut c) = Cluster::new(tiny_sel(&path), &[], &rank0).await else {
+        return;
+    };
+    // Rank 0 first this time: it publishes its record and answers once rank 1 has joined.
+    let mut args = vec![
+        "target".to_string(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(["--threads".into(), "1".into()]);
+    args.extend(c.common());
+    args.extend(rank0.iter().map(|s| s.to_string()));
+    let log_dir = c.dir.path().to_path_buf();
+    let lead = std::thread::spawn(move || Proc::start("g2-rank0", &args, &log_dir));
+    c.start_rank("g2", 1, 2);
+    let (p, banner) = lead.join().unwrap();
+    assert!(banner.starts_with("target listening on"), "{banner}");
+    c.targets.push(p);
+    // SIGTERM on rank 0: it drains, shuts the group down, and both exit cleanly.
+    c.targets[0].signal("-TERM");
+    assert_eq!(c.targets[0].wait_exit(WAIT), Some(0), "{}", c.logs());
+    assert_eq!(c.ranks[0].wait_exit(WAIT), Some(0), "{}", c.logs());
+    assert!(
+        std::fs::read_to_string(&c.ranks[0].log)
+            .unwrap_or_default()
+            .contains("rank 0 shut the group down"),
+        "{}",
+        c.logs()
+    );
+    // A rank whose rank 0 is killed exits with an error (a supervisor restarts the group); a restarted
+    // group forms again under a new generation.
+    c.start_rank("g2", 1, 2);
+    c.start_target();
+    c.targets[1].kill();
+    let t = Instant::now();
+    assert_ne!(c.ranks[1].wait_exit(WAIT), Some(0), "{}", c.logs());
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
 
 /// Waits until `n` streams have received tokens (so every one of them is placed and decoding).

@@ -109,7 +109,74 @@ fn check_config_accepts_valid_roles_and_names_the_bad_flag() {
             "--no-such-flag",
         ),
         (&["up", "--capacity", "0"], "--capacity"),
+        (&["up", "--tp", "0"], "--tp"),
+        (
+            &["target", "--etcd", "http://e:1", "--rank", "0"],
+            "--world",
+        ),
+        (
+            &[
+                "target",
+                "--etcd",
+                "http://e:1",
+                "--rank",
+                "2",
+                "--world",
+                "2",
+                "--tp-group",
+                "g",
+            ],
+            "--rank 2",
+        ),
+        (
+            &[
+                "target",
+                "--etcd",
+                "http://e:1",
+                "--rank",
+                "1",
+                "--world",
+                "2",
+            ],
+            "--tp-group",
+        ),
+        (
+            &["target", "--etcd", "http://e:1", "--tp-group", "g"],
+            "--rank",
+        ),
+        (
+            &[
+                "target",
+                "--etcd",
+                "http://e:1",
+                "--tp",
+                "2",
+                "--rank",
+                "0",
+                "--world",
+                "2",
+                "--tp-group",
+                "g",
+            ],
+            "one or the other",
+        ),
     ];
+    // A rank of a group of processes, and the group's size from the environment as a chart sets it.
+    for rank in ["0", "1"] {
+        let args = [
+            "target",
+            etcd[0],
+            etcd[1],
+            "--rank",
+            rank,
+            "--world",
+            "2",
+            "--tp-group",
+            "g",
+        ];
+        let (ok, out) = check_config(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
     for (args, want) in bad {
         let (ok, out) = check_config(args);
         assert!(!ok, "{args:?} was accepted: {out}");

@@ -56,15 +56,21 @@ pub fn tiny_spec(family: Family, seed: u64) -> TinySpec {
 }
 
 /// Writes a tiny model of shape `spec` into `dir` and returns its path. The file name encodes the
-/// family, seed, layer count, context and scale, so different specs never overwrite each other.
+/// family, seed and every size, the scale and the weight format, so different specs never overwrite each
+/// other.
 pub fn write_tiny(dir: &Path, spec: &TinySpec) -> PathBuf {
     let path = dir.join(format!(
-        "tiny-{}-s{}-l{}-c{}-x{}.gguf",
+        "tiny-{}-s{}-l{}-h{}x{}x{}-f{}-c{}-x{}{}.gguf",
         spec.family.name(),
         spec.seed,
         spec.layers,
+        spec.hidden,
+        spec.heads,
+        spec.kv_heads,
+        spec.ffn,
         spec.context,
-        spec.scale
+        spec.scale,
+        if spec.float { "-f32" } else { "" }
     ));
     write_tiny_model(&path, spec).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     path

@@ -294,6 +294,88 @@ fn a_rank_that_dies_fails_the_next_step_quickly_and_the_group_stays_failed() {
     assert!(e.to_string().contains("already failed"), "{e}");
 }
 
+#[test]
+fn ranks_joined_one_by_one_like_processes_compute_what_a_local_group_computes() {
+    // `load_gguf_rank` is what `specd target --rank R --world N` runs: each rank loads its own shard and
+    // joins through a collective of its caller's making. The group is the same computation as the one
+    // `load_gguf_local` builds, so its logits are bitwise the same.
+    let dir = temp_dir();
+    let path = write_tiny(
+        dir.path(),
+        &TinySpec {
+            ffn: 768,
+            float: true,
+            ..tiny_spec(Family::Qwen2, 5)
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (generation, rendezvous, timeout) = (7, Duration::from_secs(30), Duration::from_secs(5));
+    let p = path.clone();
+    let follower = std::thread::spawn(move || {
+        let m = tp::load_gguf_rank(&p, 1, 2, || {
+            // A wrong address fails fast; the right one joins.
+            let dead = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let e = TcpCollective::join_within(
+                dead,
+                1,
+                2,
+                generation,
+                Duration::from_millis(300),
+                rendezvous,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("not reachable"), "{e}");
+            let comm = TcpCollective::join_within(
+                addr,
+                1,
+                2,
+                generation,
+                Duration::from_secs(2),
+                rendezvous,
+            )?
+            .with_timeout(timeout)?;
+            Ok(Box::new(comm) as Box<dyn tp::Collective>)
+        })
+        .unwrap();
+        tp::follow(&m.model)
+    });
+    let lead = tp::load_gguf_rank(&path, 0, 2, || {
+        let comm =
+            TcpCollective::lead(listener, 2, generation, rendezvous)?.with_timeout(timeout)?;
+        Ok(Box::new(comm) as Box<dyn tp::Collective>)
+    })
+    .unwrap();
+    let local = local(&path, 2);
+    let prompt = lead
+        .tokenizer
+        .encode("the world, hello hello the", false)
+        .unwrap();
+    let want = greedy_reference(&local.model, &prompt, 48);
+    assert_eq!(greedy_reference(&lead.model, &prompt, 48), want);
+    let mut all = prompt.clone();
+    all.extend_from_slice(&want);
+    assert_bitwise_eq(
+        &last_logits(&lead.model, &all),
+        &last_logits(&local.model, &all),
+        "ranks joined one by one vs a local group",
+    );
+    // Rank 0's model going shuts the group down: the follower's loop ends cleanly.
+    drop(lead);
+    follower.join().unwrap().unwrap();
+    let e = tp::load_gguf_rank(&path, 2, 2, || {
+        unreachable!("no rendezvous for a rank outside the group")
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("rank 2 is not in a group of 2"),
+        "{e}"
+    );
+}
+
 /// Softmax of one row.
 fn softmax(l: &[f32]) -> Vec<f64> {
     let m = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));

@@ -94,6 +94,11 @@ pub fn trainer_election(model: &str) -> String {
     format!("{PREFIX}election/trainer/{}", segment(model))
 }
 
+/// `/specd/v1/tp/{group}`: rank 0 of a multi-process tensor-parallel group, attached to its lease.
+pub fn tp_group(group: &str) -> String {
+    format!("{PREFIX}tp/{}", segment(group))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,9 @@ pub use error::{CoordError, Result};
 pub use etcd::{EtcdConfig, EtcdStore};
 pub use lease::KeepAlive;
 pub use memory::MemoryStore;
-pub use records::{BadVersion, DrafterVersion, InstanceRecord, LoadReport, Record, Role};
+pub use records::{
+    BadVersion, DrafterVersion, InstanceRecord, LoadReport, Record, Role, TpGroupRecord,
+};
 pub use registration::{Registration, RegistrationState};
 pub use store::Store;
 pub use types::{KeyValue, LeaseId, Snapshot, Watch, WatchEvent};

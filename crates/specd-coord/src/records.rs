@@ -201,6 +201,27 @@ impl Record for LoadReport {
     }
 }
 
+/// Where rank 0 of a tensor-parallel target group whose ranks are separate processes waits for the
+/// others, under `/specd/v1/tp/{group}` and attached to rank 0's lease: the other ranks read it to join,
+/// and its disappearance (or a new generation) tells them rank 0 is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpGroupRecord {
+    pub group: String,
+    /// `host:port` of rank 0's collective listener.
+    pub addr: String,
+    pub world: u32,
+    /// Chosen by rank 0 at each start; a rank of an older generation is refused.
+    pub generation: u64,
+    /// The model file's name: every rank must load the same one.
+    pub model: String,
+}
+
+impl Record for TpGroupRecord {
+    fn key(&self) -> String {
+        keys::tp_group(&self.group)
+    }
+}
+
 /// Wall-clock unix milliseconds, for `published_at` and `at` fields.
 pub fn now_unix_ms() -> u64 {
     // A clock before 1970 is a broken host; 0 is a harmless timestamp there.

@@ -33,6 +33,7 @@ use crate::cli::{init_threads, ModelArgs, TpArgs};
 
 mod check;
 mod kv;
+pub mod tp;
 mod trainer;
 pub use kv::KvArgs;
 use trainer::start_trainer;
@@ -131,6 +132,8 @@ pub struct TargetArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub tp: TpArgs,
+    #[command(flatten)]
+    pub ranks: tp::RankArgs,
     #[command(flatten)]
     pub service: ServiceArgs,
     /// gRPC listen address.
@@ -234,6 +237,10 @@ pub struct UpArgs {
     /// Drafter kinds to offer (default: the preset's draft model if it has one, self, ngram).
     #[arg(long, env = "SPECD_DRAFTER_KINDS", value_delimiter = ',')]
     pub drafter_kinds: Vec<String>,
+    /// The target split over ranks in this process (the drafters and the trainer load their own
+    /// unsplit copy when it is).
+    #[command(flatten)]
+    pub tp: TpArgs,
     /// Sequences the target holds at once.
     #[arg(long, env = "SPECD_CAPACITY", default_value_t = 16)]
     pub capacity: u32,
@@ -723,13 +730,14 @@ fn load_target_split(path: &std::path::Path, tp: &TpArgs) -> anyhow::Result<Load
     Ok(target)
 }
 
-/// The model's config with the whole group's KV heads (a rank's config holds its own), for sizing the
-/// KV budget of a process that holds every rank.
-fn whole_config(model: &specd_engine::Model) -> specd_engine::ModelConfig {
+/// The model's config with the KV heads of every rank this process holds (a rank's config holds its
+/// own), for sizing the process's KV budget: all of them when the ranks are its threads, its own when
+/// the ranks are processes.
+fn process_config(model: &specd_engine::Model, ranks_here: usize) -> specd_engine::ModelConfig {
     let mut cfg = model.config().clone();
-    if let Some(t) = model.tp() {
-        cfg.kv_heads *= t.plan().world;
-        cfg.heads *= t.plan().world;
+    if model.tp().is_some() {
+        cfg.kv_heads *= ranks_here;
+        cfg.heads *= ranks_here;
     }
     cfg
 }
@@ -747,7 +755,30 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
         false,
         |store, shutdown| async move {
             let (_, path) = target_file(&a.model)?;
-            let target = load_target_split(&path, &a.tp)?;
+            let rank = a.ranks.rank(&a.tp)?;
+            let (target, group, ranks_here) = match &rank {
+                Some(me) if me.rank > 0 => {
+                    let banner = format!(
+                        "tensor-parallel rank {} of {} (group {}) loaded",
+                        me.rank, me.world, me.group
+                    );
+                    return tp::follow(
+                        &path,
+                        me,
+                        &store,
+                        shutdown,
+                        Duration::from_secs(a.service.drain_secs),
+                        move || println!("{banner}"),
+                    )
+                    .await;
+                }
+                Some(me) => {
+                    let lease_ttl = Duration::from_secs(a.service.lease_ttl.max(1));
+                    let (t, keep) = tp::lead(&path, &a.ranks, me, &store, lease_ttl).await?;
+                    (t, Some(keep), 1)
+                }
+                None => (load_target_split(&path, &a.tp)?, None, a.tp.tp),
+            };
             let running = start_target(
                 &target,
                 &a.service,
@@ -757,15 +788,21 @@ pub fn run_target(args: TargetArgs) -> anyhow::Result<()> {
                     max_batch_tokens: a.max_batch_tokens,
                     prefill_chunk: a.prefill_chunk,
                     stream_idle: a.service.stream_idle(),
-                    kv_tokens: Some(a.kv.budget(&whole_config(&target.model))?),
+                    kv_tokens: Some(a.kv.budget(&process_config(&target.model, ranks_here))?),
                 },
                 a.samples.config()?,
-                store,
+                store.clone(),
                 shutdown,
             )
             .await?;
             println!("target listening on {}", running.advertised);
-            wait(running.task).await
+            let r = wait(running.task).await;
+            // Rank 0's model going (the last copy) shuts the group down; the record goes with it.
+            drop(target);
+            if let Some(keep) = group {
+                tp::retire(&store, keep).await;
+            }
+            r
         },
     )
 }
@@ -841,6 +878,12 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             let args = a;
             let (preset, path) = target_file(&args.model)?;
             let target = load_gguf(&path)?;
+            // The served copy, split over ranks when asked; the drafters and the trainer need the
+            // unsplit one (the self-drafter's trimmed head, the trainer's exit states).
+            let split = (args.tp.tp > 1)
+                .then(|| load_target_split(&path, &args.tp))
+                .transpose()?;
+            let served = split.as_ref().unwrap_or(&target);
             let (models, kinds) =
                 drafter_models(&args.drafter_kinds, preset, &args.model, &target, true)?;
             let loopback: SocketAddr = "127.0.0.1:0".parse()?;
@@ -850,13 +893,13 @@ pub fn run_up(args: UpArgs) -> anyhow::Result<()> {
             svc_args.instance_id = None;
             svc_args.advertise_addr = None;
             let t = start_target(
-                &target,
+                served,
                 &svc_args,
                 loopback,
                 args.capacity,
                 BatchLimits {
                     stream_idle: args.service.stream_idle(),
-                    kv_tokens: Some(args.kv.budget(target.model.config())?),
+                    kv_tokens: Some(args.kv.budget(&process_config(&served.model, args.tp.tp))?),
                     ..BatchLimits::default()
                 },
                 args.samples.config()?,

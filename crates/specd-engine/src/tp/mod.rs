@@ -520,7 +520,8 @@ pub fn load_gguf_local(
             .spawn(move || -> Result<(), EngineError> {
                 let pool = pool(opts.threads_per_rank, rank)?;
                 let loaded = pool.install(|| crate::load::load_gguf_shard(&path, rank, world))?;
-                let comm = TcpCollective::join(addr, rank, world, generation, rendezvous)?;
+                let comm = TcpCollective::join(addr, rank, world, generation, rendezvous)?
+                    .with_timeout(opts.timeout)?;
                 let plan = loaded.1;
                 let model =
                     loaded
@@ -545,6 +546,7 @@ pub fn load_gguf_local(
         }
         EngineError::from(e)
     })?;
+    let comm = comm.with_timeout(opts.timeout)?;
     let tp = TpRank::new(plan, Box::new(comm), Some(pool0))?;
     tp.leader
         .as_ref()
@@ -553,6 +555,29 @@ pub fn load_gguf_local(
         .lock()
         .expect("ranks lock")
         .extend(handles);
+    Ok(LoadedModel {
+        model: loaded.model.with_tp(tp)?,
+        ..loaded
+    })
+}
+
+/// One rank of a group whose ranks are separate processes (one per GPU or per pod, Kubernetes style):
+/// loads this rank's shard of `path`, then joins the group through `connect` (rank 0 leads, the others
+/// join; the rendezvous is the caller's, through the coordination store). Rank 0's model drives the
+/// group like any model; the others' is for [`follow`]. The rank's forward runs on the caller's threads.
+pub fn load_gguf_rank(
+    path: &Path,
+    rank: usize,
+    world: usize,
+    connect: impl FnOnce() -> Result<Box<dyn Collective>, EngineError>,
+) -> Result<LoadedModel, EngineError> {
+    if rank >= world {
+        return Err(EngineError::Internal(format!(
+            "rank {rank} is not in a group of {world} (ranks are 0..{world})"
+        )));
+    }
+    let (loaded, plan) = crate::load::load_gguf_shard(path, rank, world)?;
+    let tp = TpRank::new(plan, connect()?, None)?;
     Ok(LoadedModel {
         model: loaded.model.with_tp(tp)?,
         ..loaded

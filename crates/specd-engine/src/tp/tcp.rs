@@ -193,22 +193,37 @@ impl TcpCollective {
         generation: u64,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
+        Self::join_within(addr, rank, world, generation, timeout, timeout)
+    }
+
+    /// [`TcpCollective::join`], giving up on reaching rank 0 after `connect` (an address read from a
+    /// stale record fails fast) while the wait for the whole group is still bounded by `timeout`.
+    pub fn join_within(
+        addr: SocketAddr,
+        rank: usize,
+        world: usize,
+        generation: u64,
+        connect: Duration,
+        timeout: Duration,
+    ) -> Result<Self, CollectiveError> {
         if rank == 0 || rank >= world {
             return Err(CollectiveError::Rendezvous(format!(
                 "rank {rank} cannot join a group of {world} (rank 0 leads)"
             )));
         }
+        let connect_by = Instant::now() + connect.min(timeout);
         let deadline = Instant::now() + timeout;
         let mut s = loop {
             match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
+                Err(e) if Instant::now() < connect_by => {
                     tracing::debug!(%addr, error = %e, "tensor-parallel leader not reachable yet");
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => {
                     return Err(CollectiveError::Rendezvous(format!(
-                        "rank 0 at {addr} not reachable within {timeout:?}: {e}"
+                        "rank 0 at {addr} not reachable within {:?}: {e}",
+                        connect.min(timeout)
                     )))
                 }
             }
@@ -245,6 +260,17 @@ impl TcpCollective {
             failed: Mutex::new(None),
             stats: CollectiveStats::default(),
         })
+    }
+
+    /// Bounds every later operation by `timeout` (the rendezvous may allow longer: loading a shard takes
+    /// a while).
+    pub fn with_timeout(mut self, timeout: Duration) -> Result<Self, CollectiveError> {
+        for (i, l) in self.links.iter().enumerate() {
+            let s = l.lock().expect("link lock");
+            configure(&s, timeout).map_err(|e| io_error(self.peer(i), timeout, e))?;
+        }
+        self.timeout = timeout;
+        Ok(self)
     }
 
     fn check(&self) -> Result<(), CollectiveError> {

@@ -101,6 +101,7 @@ pub fn target(a: &TargetArgs) -> anyhow::Result<()> {
     a.kv.check()?;
     a.samples.config()?;
     a.tp.local_options(1)?;
+    a.ranks.rank(&a.tp)?;
     ok("target")
 }
 
@@ -134,6 +135,7 @@ pub fn up(a: &UpArgs) -> anyhow::Result<()> {
     kinds(&a.drafter_kinds)?;
     a.kv.check()?;
     a.samples.config()?;
+    a.tp.local_options(1)?;
     if a.trainer {
         a.train.train()?;
     }
