@@ -86,8 +86,13 @@ impl Proc {
         }
     }
 
+    /// Its whole log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let s = self.log();
         let lines: Vec<&str> = s.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -170,7 +175,8 @@ impl Cluster {
         a
     }
 
-    fn start_target(&mut self) {
+    /// The arguments of the next target.
+    fn target_args(&self) -> Vec<String> {
         let mut args = vec![
             "target".to_string(),
             "--grpc-addr".into(),
@@ -181,8 +187,12 @@ impl Cluster {
         args.extend(self.common());
         args.extend(self.worker_extra.iter().cloned());
         args.extend(self.target_extra.iter().cloned());
+        args
+    }
+
+    fn start_target(&mut self) {
         let n = self.targets.len();
-        let (p, banner) = Proc::start(&format!("target{n}"), &args, self.dir.path());
+        let (p, banner) = Proc::start(&format!("target{n}"), &self.target_args(), self.dir.path());
         // "target listening on ADDR"
         let addr = banner
             .split_whitespace()
@@ -350,10 +360,7 @@ impl Cluster {
     }
 
     fn router_log(&self) -> String {
-        self.router
-            .as_ref()
-            .map(|r| std::fs::read_to_string(&r.log).unwrap_or_default())
-            .unwrap_or_default()
+        self.router.as_ref().map(Proc::log).unwrap_or_default()
     }
 
     /// Starts one stream per request and returns once every one of them has produced tokens.
@@ -892,9 +899,7 @@ async fn a_target_split_over_processes_serves_and_a_dead_rank_hands_over() {
         "rank 0 of a failed group exits with an error"
     );
     assert!(
-        std::fs::read_to_string(&c.targets[0].log)
-            .unwrap_or_default()
-            .contains("tensor-parallel group failed"),
+        c.targets[0].log().contains("tensor-parallel group failed"),
         "{}",
         c.logs()
     );
@@ -910,14 +915,7 @@ async fn a_group_of_processes_drains_together_and_a_rank_without_rank_0_exits() 
         return;
     };
     // Rank 0 first this time: it publishes its record and answers once rank 1 has joined.
-    let mut args = vec![
-        "target".to_string(),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(["--threads".into(), "1".into()]);
-    args.extend(c.common());
-    args.extend(rank0.iter().map(|s| s.to_string()));
+    let args = c.target_args();
     let log_dir = c.dir.path().to_path_buf();
     let lead = std::thread::spawn(move || Proc::start("g2-rank0", &args, &log_dir));
     c.start_rank("g2", 1, 2);
@@ -929,9 +927,7 @@ async fn a_group_of_processes_drains_together_and_a_rank_without_rank_0_exits() 
     assert_eq!(c.targets[0].wait_exit(WAIT), Some(0), "{}", c.logs());
     assert_eq!(c.ranks[0].wait_exit(WAIT), Some(0), "{}", c.logs());
     assert!(
-        std::fs::read_to_string(&c.ranks[0].log)
-            .unwrap_or_default()
-            .contains("rank 0 shut the group down"),
+        c.ranks[0].log().contains("rank 0 shut the group down"),
         "{}",
         c.logs()
     );

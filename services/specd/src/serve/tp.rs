@@ -108,14 +108,14 @@ impl RankArgs {
     }
 
     /// Where the other ranks reach a rank 0 listening on `local`.
-    fn advertised(&self, local: SocketAddr) -> anyhow::Result<String> {
+    fn advertised(&self, local: SocketAddr) -> String {
         let port = local.port();
-        Ok(match &self.tp_advertise {
+        match &self.tp_advertise {
             Some(a) if a.contains(':') => a.clone(),
             Some(host) => format!("{host}:{port}"),
             None if local.ip().is_unspecified() => format!("127.0.0.1:{port}"),
             None => local.to_string(),
-        })
+        }
     }
 }
 
@@ -136,7 +136,7 @@ pub async fn lead(
 ) -> anyhow::Result<(LoadedModel, KeepAlive)> {
     let listener = TcpListener::bind(args.tp_listen)
         .with_context(|| format!("tensor-parallel listener on {}", args.tp_listen))?;
-    let addr = args.advertised(listener.local_addr()?)?;
+    let addr = args.advertised(listener.local_addr()?);
     let generation = u64::from_str_radix(&specd_service::random_id(), 16)?;
     let lease = store.grant_lease(lease_ttl).await?;
     let keep = store.keep_alive(lease).await?;
@@ -267,7 +267,7 @@ fn run_follower(
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<(), EngineError> {
     let rendezvous_by = Instant::now() + me.rendezvous;
-    let model = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let model = model_name(path);
     let loaded = specd_engine::tp::load_gguf_rank(path, me.rank, me.world, || {
         let _ = events.send(Event::Loaded);
         loop {
@@ -292,14 +292,10 @@ fn run_follower(
                     continue;
                 }
             };
-            if record.world as usize != me.world || Some(&record.model) != model.as_ref() {
+            if record.world as usize != me.world || record.model != model {
                 return Err(EngineError::Internal(format!(
                     "group {} is rank 0's {} processes of {}; this rank has --world {} and {}",
-                    me.group,
-                    record.world,
-                    record.model,
-                    me.world,
-                    model.as_deref().unwrap_or("?")
+                    me.group, record.world, record.model, me.world, model
                 )));
             }
             let addr = match record.addr.to_socket_addrs().map(|mut a| a.next()) {
