@@ -59,13 +59,63 @@ pub struct ExitTrainer {
     /// Head rows (`columns x hidden`) and the final norm, frozen.
     head: Tensor,
     norm: Tensor,
+    columns: HeadColumns,
+}
+
+/// How a drafter's logit columns map to token ids (a trimmed head has fewer columns than the vocabulary):
+/// shared by the trainers, which meet the target's distributions in token ids.
+#[derive(Clone, Debug)]
+pub(crate) struct HeadColumns {
     /// Token id of each logit column.
     ids: Vec<u32>,
     /// Column of each token id (`u32::MAX`: not in the head).
     column: Vec<u32>,
 }
 
-fn candle(e: candle_core::Error) -> EngineError {
+impl HeadColumns {
+    /// The columns of `drafter`'s head, which has `columns` rows.
+    pub(crate) fn new(drafter: &Model, columns: usize) -> Self {
+        let ids: Vec<u32> = match drafter.logit_ids() {
+            Some(ids) => ids.to_vec(),
+            None => (0..columns as u32).collect(),
+        };
+        let vocab = drafter
+            .config()
+            .vocab
+            .max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
+        let mut column = vec![u32::MAX; vocab];
+        for (c, &id) in ids.iter().enumerate() {
+            column[id as usize] = c as u32;
+        }
+        Self { ids, column }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The target's distribution in logit columns: ids the head lacks join the tail.
+    pub(crate) fn in_columns(&self, t: &TopTarget) -> Result<TopTarget, EngineError> {
+        let (mut ids, mut probs) = (Vec::new(), Vec::new());
+        for (&id, &p) in t.ids().iter().zip(t.probs()) {
+            match self.column.get(id as usize) {
+                Some(&c) if c != u32::MAX => {
+                    ids.push(c);
+                    probs.push(p);
+                }
+                _ => {}
+            }
+        }
+        if ids.is_empty() {
+            // None of the target's tokens is draftable: all of it is tail, against column 0's absence.
+            return TopTarget::new(vec![0], vec![0.0])
+                .map_err(|e| EngineError::Internal(e.to_string()));
+        }
+        TopTarget::new(ids, probs).map_err(|e| EngineError::Internal(e.to_string()))
+    }
+}
+
+pub(crate) fn candle(e: candle_core::Error) -> EngineError {
     EngineError::Internal(format!("training: {e}"))
 }
 
@@ -81,18 +131,6 @@ impl ExitTrainer {
         let dev = Device::Cpu;
         let (w, norm) = drafter.head_f32()?;
         let columns = w.len() / d;
-        let ids: Vec<u32> = match drafter.logit_ids() {
-            Some(ids) => ids.to_vec(),
-            None => (0..columns as u32).collect(),
-        };
-        let vocab = drafter
-            .config()
-            .vocab
-            .max(ids.iter().map(|&i| i as usize + 1).max().unwrap_or(0));
-        let mut column = vec![u32::MAX; vocab];
-        for (c, &id) in ids.iter().enumerate() {
-            column[id as usize] = c as u32;
-        }
         // A deterministic small init for A (a scaled xorshift stream): B = 0 keeps the start exact.
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let scale = 1.0 / (d as f32).sqrt();
@@ -125,8 +163,7 @@ impl ExitTrainer {
             opt,
             head: Tensor::from_vec(w, (columns, d), &dev).map_err(candle)?,
             norm: Tensor::from_vec(norm, d, &dev).map_err(candle)?,
-            ids,
-            column,
+            columns: HeadColumns::new(drafter, columns),
         })
     }
 
@@ -177,26 +214,6 @@ impl ExitTrainer {
         normed.matmul(&self.head.t()?)
     }
 
-    /// The target's distribution in logit columns: ids the head lacks join the tail.
-    fn in_columns(&self, t: &TopTarget) -> Result<TopTarget, EngineError> {
-        let (mut ids, mut probs) = (Vec::new(), Vec::new());
-        for (&id, &p) in t.ids().iter().zip(t.probs()) {
-            match self.column.get(id as usize) {
-                Some(&c) if c != u32::MAX => {
-                    ids.push(c);
-                    probs.push(p);
-                }
-                _ => {}
-            }
-        }
-        if ids.is_empty() {
-            // None of the target's tokens is draftable: all of it is tail, against column 0's absence.
-            return TopTarget::new(vec![0], vec![0.0])
-                .map_err(|e| EngineError::Internal(e.to_string()));
-        }
-        TopTarget::new(ids, probs).map_err(|e| EngineError::Internal(e.to_string()))
-    }
-
     /// One optimizer step on `batch`; the mean loss before the step.
     pub fn step(&mut self, batch: &[ExitSample]) -> Result<f64, EngineError> {
         if batch.is_empty() {
@@ -213,16 +230,16 @@ impl ExitTrainer {
         let logits = self.logits(&hidden).map_err(candle)?;
         let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(candle)?;
         let n = batch.len();
-        let mut grads = Vec::with_capacity(n * self.ids.len());
+        let mut grads = Vec::with_capacity(n * self.columns.len());
         let mut total = 0.0;
         for (s, row) in batch.iter().zip(&rows) {
-            let t = self.in_columns(&s.target)?;
+            let t = self.columns.in_columns(&s.target)?;
             let (l, g) = loss_and_grad(self.cfg.loss, &t, row)
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
             total += l;
             grads.extend(g.into_iter().map(|v| v / n as f32));
         }
-        let g = Tensor::from_vec(grads, (n, self.ids.len()), &Device::Cpu).map_err(candle)?;
+        let g = Tensor::from_vec(grads, (n, self.columns.len()), &Device::Cpu).map_err(candle)?;
         let surrogate = (logits * g).map_err(candle)?.sum_all().map_err(candle)?;
         self.opt.backward_step(&surrogate).map_err(candle)?;
         Ok(total / n as f64)
@@ -274,7 +291,7 @@ impl ExitTrainer {
             .map_err(candle)?;
         let mut sum = 0.0;
         for (s, row) in batch.iter().zip(&rows) {
-            let t = self.in_columns(&s.target)?;
+            let t = self.columns.in_columns(&s.target)?;
             sum +=
                 expected_acceptance(&t, row).map_err(|e| EngineError::Internal(e.to_string()))?;
         }

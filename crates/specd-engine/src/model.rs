@@ -23,6 +23,8 @@ pub use crate::adapter::ExitAdapter;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::EngineError;
 use crate::kv::KvCache;
+pub use crate::lora::LoraAdapter;
+use crate::lora::ServedLora;
 use crate::qweight::{dot_f32, QWeight};
 use crate::tp::{StatsSnapshot, TpRank};
 
@@ -122,6 +124,8 @@ pub struct Model {
     head: Option<Arc<HeadSubset>>,
     /// Applied to the residual stream of the rows that want logits, before the final norm.
     adapter: Option<Arc<ExitAdapter>>,
+    /// Low-rank adapters on the layers' projections (a distilled draft model).
+    lora: Option<Arc<ServedLora>>,
     /// This model's rank in a tensor-parallel group (its weights are that rank's shard).
     tp: Option<Arc<TpRank>>,
 }
@@ -141,6 +145,7 @@ impl Model {
             weights,
             head: None,
             adapter: None,
+            lora: None,
             tp: None,
         })
     }
@@ -148,9 +153,9 @@ impl Model {
     /// This shard as rank `tp` of its group (the weights must be that rank's shard, from
     /// `load::load_gguf_shard`).
     pub fn with_tp(&self, tp: TpRank) -> Result<Self, EngineError> {
-        if self.head.is_some() || self.adapter.is_some() {
+        if self.head.is_some() || self.adapter.is_some() || self.lora.is_some() {
             return Err(EngineError::InvalidRequest(
-                "a model with a trimmed head or an exit adapter cannot be tensor-parallel".into(),
+                "a model with a trimmed head or an adapter cannot be tensor-parallel".into(),
             ));
         }
         Ok(Self {
@@ -192,6 +197,22 @@ impl Model {
 
     pub fn adapter(&self) -> Option<&ExitAdapter> {
         self.adapter.as_deref()
+    }
+
+    /// The same model with low-rank adapters on its projections (`None` removes them).
+    pub fn with_lora(&self, lora: Option<LoraAdapter>) -> Result<Self, EngineError> {
+        if let Some(l) = &lora {
+            l.check(&self.weights, self.cfg.layers)?;
+            self.refuse_tp("a LoRA adapter")?;
+        }
+        Ok(Self {
+            lora: lora.map(|l| Arc::new(ServedLora::new(l))),
+            ..self.clone()
+        })
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_deref().map(|l| &l.adapter)
     }
 
     /// The rows of the LM head as f32, one per logit column (all token ids, or a trimmed head's), and
@@ -243,6 +264,7 @@ impl Model {
             weights: Arc::clone(&self.weights),
             head: self.head.clone(),
             adapter: self.adapter.clone(),
+            lora: self.lora.clone(),
             tp: self.tp.clone(),
         })
     }
@@ -302,6 +324,7 @@ impl Model {
             cfg: self.cfg.clone(),
             weights: Arc::clone(&self.weights),
             adapter: self.adapter.clone(),
+            lora: self.lora.clone(),
             tp: None,
             head: Some(Arc::new(HeadSubset {
                 prefix,
@@ -433,9 +456,17 @@ impl Model {
         let mut h = vec![0f32; m * d];
         for (li, layer) in self.weights.layers[..cfg.layers].iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, cfg.rms_eps, &mut h);
+            let lora = |p: usize, x: &[f32], y: &mut Vec<f32>| {
+                if let Some(l) = &self.lora {
+                    l.add(li, p, x, m, y);
+                }
+            };
             let mut q = layer.wq.matmul(&h, m);
             let mut k = layer.wk.matmul(&h, m);
             let mut v = layer.wv.matmul(&h, m);
+            lora(0, &h, &mut q);
+            lora(1, &h, &mut k);
+            lora(2, &h, &mut v);
             add_bias(&mut q, layer.bq.as_deref());
             add_bias(&mut k, layer.bk.as_deref());
             add_bias(&mut v, layer.bv.as_deref());
@@ -449,17 +480,21 @@ impl Model {
             }
             let attn = attention(cfg, li, &rows, &q, batch, qd);
             let mut o = layer.wo.matmul(&attn, m);
+            lora(3, &attn, &mut o);
             if let Some(tp) = &self.tp {
                 tp.comm().all_reduce_sum(&mut o)?;
             }
             add_into(&mut x, &o);
             rms_norm_rows(&x, &layer.ffn_norm, cfg.rms_eps, &mut h);
             let mut g = layer.w_gate.matmul(&h, m);
-            let u = layer.w_up.matmul(&h, m);
+            let mut u = layer.w_up.matmul(&h, m);
+            lora(4, &h, &mut g);
+            lora(5, &h, &mut u);
             for (gi, ui) in g.iter_mut().zip(u.iter()) {
                 *gi = silu(*gi) * ui;
             }
             let mut down = layer.w_down.matmul(&g, m);
+            lora(6, &g, &mut down);
             if let Some(tp) = &self.tp {
                 tp.comm().all_reduce_sum(&mut down)?;
             }
@@ -503,37 +538,17 @@ impl Model {
                 &mut sel[i * d..(i + 1) * d],
             );
         }
-        let (logits, vocab) = match (&self.head, want_rows.len()) {
+        let (logits, vocab) = match (&self.tp, want_rows.len()) {
             (_, 0) => (Vec::new(), 0),
-            (None, w) => match &self.tp {
-                None => {
-                    let head = self.full_head();
-                    (head.matmul(&sel, w), head.rows())
+            (Some(tp), w) => {
+                // Each rank has a slice of the vocabulary; rank 0 puts the rows back together.
+                let local = self.full_head().matmul(&sel, w);
+                match tp.comm().gather(&local)? {
+                    None => return Ok(batch.iter().map(|_| Vec::new()).collect()),
+                    Some(parts) => (interleave_rows(&parts, w), cfg.vocab),
                 }
-                Some(tp) => {
-                    // Each rank has a slice of the vocabulary; rank 0 puts the rows back together.
-                    let local = self.full_head().matmul(&sel, w);
-                    match tp.comm().gather(&local)? {
-                        None => return Ok(batch.iter().map(|_| Vec::new()).collect()),
-                        Some(parts) => (interleave_rows(&parts, w), cfg.vocab),
-                    }
-                }
-            },
-            (Some(h), w) => {
-                let (p, e) = (h.prefix.rows(), h.extra.rows());
-                let a = h.prefix.matmul(&sel, w);
-                let b = if e > 0 {
-                    h.extra.matmul(&sel, w)
-                } else {
-                    Vec::new()
-                };
-                let mut l = Vec::with_capacity(w * (p + e));
-                for r in 0..w {
-                    l.extend_from_slice(&a[r * p..(r + 1) * p]);
-                    l.extend_from_slice(&b[r * e..(r + 1) * e]);
-                }
-                (l, p + e)
             }
+            (None, w) => (self.head_matmul(&sel, w), self.head_columns()),
         };
         let mut out = Vec::with_capacity(batch.len());
         let mut taken = 0;
@@ -548,6 +563,39 @@ impl Model {
             taken += n;
         }
         Ok(out)
+    }
+}
+
+impl Model {
+    /// Logit columns of the head: the vocabulary, or a trimmed head's ids.
+    pub(crate) fn head_columns(&self) -> usize {
+        match &self.head {
+            None => self.full_head().rows(),
+            Some(h) => h.prefix.rows() + h.extra.rows(),
+        }
+    }
+
+    /// The head over `w` normed rows (`w x hidden`): `w x head_columns()`, the arithmetic serving runs
+    /// (not for a tensor-parallel shard, whose head is a slice).
+    pub(crate) fn head_matmul(&self, sel: &[f32], w: usize) -> Vec<f32> {
+        match &self.head {
+            None => self.full_head().matmul(sel, w),
+            Some(h) => {
+                let (p, e) = (h.prefix.rows(), h.extra.rows());
+                let a = h.prefix.matmul(sel, w);
+                let b = if e > 0 {
+                    h.extra.matmul(sel, w)
+                } else {
+                    Vec::new()
+                };
+                let mut l = Vec::with_capacity(w * (p + e));
+                for r in 0..w {
+                    l.extend_from_slice(&a[r * p..(r + 1) * p]);
+                    l.extend_from_slice(&b[r * e..(r + 1) * e]);
+                }
+                l
+            }
+        }
     }
 }
 

@@ -405,6 +405,32 @@ pub(crate) async fn start_target(
     .await
 }
 
+/// The separate draft model for `target` (`--draft-model`, else the preset's), with the trimmed head it
+/// drafts with: what drafter workers serve as kind `model` and what the trainer distills for it.
+pub(crate) fn draft_model(
+    preset: Preset,
+    margs: &ModelArgs,
+    target: &LoadedModel,
+) -> anyhow::Result<specd_engine::Model> {
+    let path = margs
+        .draft_model
+        .clone()
+        .or_else(|| preset.draft_path(&margs.models_dir))
+        .with_context(|| {
+            format!(
+                "preset {} has no draft model; pass --draft-model",
+                preset.name()
+            )
+        })?;
+    let draft = load_gguf(&path)?;
+    specd_engine::preset::check_pair(target, &draft)?;
+    Ok(trim_draft_head(
+        &draft.model,
+        draft.tokenizer.stop_ids(),
+        margs.draft_vocab,
+    )?)
+}
+
 /// The drafter models for `kinds` (empty: the preset's default set).
 pub(crate) fn drafter_models(
     kinds: &[String],
@@ -433,33 +459,23 @@ pub(crate) fn drafter_models(
     for k in &kinds {
         match k.as_str() {
             "model" => {
-                let path = margs
-                    .draft_model
-                    .clone()
-                    .or_else(|| preset.draft_path(&margs.models_dir))
-                    .with_context(|| {
-                        format!(
-                            "preset {} has no draft model; pass --draft-model",
-                            preset.name()
-                        )
-                    })?;
-                let draft = load_gguf(&path)?;
-                specd_engine::preset::check_pair(target, &draft)?;
-                models.draft = Some(trim_draft_head(
-                    &draft.model,
-                    draft.tokenizer.stop_ids(),
-                    margs.draft_vocab,
-                )?);
+                models.draft = Some(LiveDrafter::new(
+                    draft_model(preset, margs, target)?,
+                    "model",
+                ));
             }
             "self" => {
                 let n = margs
                     .self_layers
                     .unwrap_or_else(|| default_self_layers(target.model.config().layers));
-                models.self_drafter = Some(LiveDrafter::new(trim_draft_head(
-                    &target.model.truncated(n)?,
-                    target.tokenizer.stop_ids(),
-                    margs.draft_vocab,
-                )?));
+                models.self_drafter = Some(LiveDrafter::new(
+                    trim_draft_head(
+                        &target.model.truncated(n)?,
+                        target.tokenizer.stop_ids(),
+                        margs.draft_vocab,
+                    )?,
+                    "self",
+                ));
             }
             "ngram" | "auto" => models.ngram = true,
             other => bail!("unknown drafter kind {other:?} (model, self, ngram)"),
@@ -479,8 +495,11 @@ pub(crate) async fn start_drafter(
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
     let drain = Drain::new();
-    if let Some(live) = models.self_drafter.clone() {
-        // Trained versions of the self-drafter, as the trainer publishes them.
+    for live in [models.draft.clone(), models.self_drafter.clone()]
+        .into_iter()
+        .flatten()
+    {
+        // Trained versions of the draft model and the self-drafter, as the trainer publishes them.
         let cfg = FollowConfig {
             model: id.model.clone(),
             reporter: id.instance_id.clone(),

@@ -8,18 +8,20 @@
 //!   published files in chunks), and [`service::lead`], one leader per drafter model through the
 //!   coordination store's election: target workers stream their samples to the leader, a standby takes
 //!   over when the leader's lease goes.
-//! - [`train`]: the distillation loop, on a thread of its own: the self-drafter's exit adapter trained on
-//!   new (then replayed) samples while this trainer leads and the cluster is idle, resumed from the live
-//!   version, candidates gated on held-out acceptance and published.
+//! - [`learner`]: the trainable drafter kinds behind one interface: the self-drafter's exit adapter and
+//!   the draft model's LoRA adapters.
+//! - [`train`]: the distillation loop, on a thread of its own: a learner trained on new (then replayed)
+//!   samples while this trainer leads and the cluster is idle, resumed from the live version,
+//!   candidates gated on held-out acceptance and published.
 //! - [`weights`]: the weight store, published files in a directory; [`publish`]: version records with
 //!   lineage, compare-and-swap of the live pointer, rollback on a bad report or a live regression.
 //!
-//! Not here yet (issue 9's remaining work): a LoRA drafter for separate draft models, per-domain
-//! shelves.
+//! Not here yet (issue 9's remaining work): per-domain shelves.
 //! Serving, registration and drain come from the binary (`specd trainer`, `specd up`).
 
 pub mod buffer;
 pub mod idle;
+pub mod learner;
 pub mod publish;
 pub mod service;
 pub mod train;

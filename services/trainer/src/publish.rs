@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use specd_coord::records::now_unix_ms;
 use specd_coord::{keys, BadVersion, CoordError, DrafterVersion, Record, Store};
-use specd_engine::ExitAdapter;
+use specd_engine::{Model, TrainedWeights};
 use specd_proto::internal::v1 as pb;
 use specd_service::grpc::Keepalive;
 use specd_service::weights::{fetch, Expected};
@@ -174,7 +174,7 @@ impl Publisher {
     /// Publishes `adapter` as the next version, trained from the live one, with the gate's figures.
     pub async fn publish(
         &self,
-        adapter: &ExitAdapter,
+        adapter: &TrainedWeights,
         gate: GateFigures,
     ) -> Result<DrafterVersion, PublishError> {
         let data = adapter
@@ -330,12 +330,13 @@ impl Publisher {
         Ok(None)
     }
 
-    /// The adapter of the live version, to resume training from: read from this trainer's weight store,
-    /// else fetched from the trainer that published it. `None` for version 0 or nothing published.
+    /// The weights of the live version, to resume training `drafter` from: read from this trainer's
+    /// weight store, else fetched from the trainer that published it. `None` for version 0 or nothing
+    /// published.
     pub async fn load_live(
         &self,
-        hidden: usize,
-    ) -> Result<Option<(DrafterVersion, ExitAdapter)>, PublishError> {
+        drafter: &Model,
+    ) -> Result<Option<(DrafterVersion, TrainedWeights)>, PublishError> {
         let Some((live, _)) = self.current().await? else {
             return Ok(None);
         };
@@ -369,7 +370,7 @@ impl Publisher {
                 d
             }
         };
-        let adapter = ExitAdapter::from_file_bytes(&data, hidden)
+        let adapter = TrainedWeights::from_file_bytes(&data, drafter)
             .map_err(|e| PublishError::Weights(e.to_string()))?;
         Ok(Some((live, adapter)))
     }
@@ -380,12 +381,23 @@ impl Publisher {
 mod tests {
     use super::*;
 
-    fn adapter(seed: f32) -> ExitAdapter {
-        ExitAdapter {
+    const HIDDEN: usize = 256;
+
+    fn adapter(seed: f32) -> TrainedWeights {
+        TrainedWeights::Exit(specd_engine::ExitAdapter {
             rank: 2,
-            a: (0..8).map(|i| i as f32 * seed).collect(),
-            b: (0..8).map(|i| i as f32 * -seed).collect(),
-        }
+            a: (0..2 * HIDDEN).map(|i| i as f32 * seed).collect(),
+            b: (0..2 * HIDDEN).map(|i| i as f32 * -seed).collect(),
+        })
+    }
+
+    /// A tiny drafter of hidden size `HIDDEN`, for reading the published files back.
+    fn drafter(dir: &std::path::Path) -> Model {
+        let path = dir.join("tiny.gguf");
+        let spec = specd_engine::testing::TinySpec::new(specd_engine::Family::Qwen2, 1);
+        assert_eq!(spec.hidden, HIDDEN);
+        specd_engine::testing::write_tiny_model(&path, &spec).unwrap();
+        specd_engine::load_gguf(&path).unwrap().model
     }
 
     fn publisher(store: Store, dir: &std::path::Path) -> Publisher {
@@ -435,7 +447,7 @@ mod tests {
         assert_eq!(live, v2);
         assert_eq!(p.version(1).await.unwrap().unwrap(), v1);
         // The file is what the record says.
-        let (_, a) = p.load_live(4).await.unwrap().unwrap();
+        let (_, a) = p.load_live(&drafter(dir.path())).await.unwrap().unwrap();
         assert_eq!(a, adapter(0.2));
 
         // Too few drafted tokens: nothing happens, whatever the rate.

@@ -1,14 +1,15 @@
-//! The distillation loop: trains the self-drafter's exit adapter (`specd_engine::exit_train`) on the
-//! samples the targets capture, while this trainer leads and the cluster is idle, and publishes what
-//! passes the gate.
+//! The distillation loop: trains a drafter (the self-drafter's exit adapter, or the draft model's LoRA
+//! adapters: [`crate::learner`]) on the samples the targets capture, while this trainer leads and the
+//! cluster is idle, and publishes what passes the gate.
 //!
 //! It runs on a thread of its own (training is CPU work, not async work; the few store operations run on
 //! the service's runtime through its handle). Before every optimizer step it checks leadership and the
 //! [`IdleGate`], so it yields within one step when load rises; a step is one batch (64 positions by
-//! default: about 0.14 s for SmolLM2 on two cores). It trains on what is new, in arrival order: each
-//! round takes the oldest samples not trained on yet (at most a few), recomputes the drafter's exit
-//! states for their contexts with the engine's own kernels, and keeps the positions the mask selects
-//! (OSD's default: where the target rejected the draft).
+//! default for the exit adapter: about 0.14 s for SmolLM2 on two cores; two sequences for LoRA, a few
+//! seconds for the Qwen 0.5B). It trains on what is new, in arrival order: each round takes the oldest
+//! samples not trained on yet (at most a few), turns them into the learner's items (for the exit adapter
+//! the drafter's exit states, recomputed with the engine's own kernels) and keeps the positions the mask
+//! selects (OSD's default: where the target rejected the draft).
 //!
 //! On becoming leader it resumes from the live version (its adapter read from the weight store, or
 //! fetched from the trainer that published it), so a standby or a restarted trainer goes on from the
@@ -23,24 +24,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use specd_core::PositionMask;
-use specd_engine::exit_train::{ExitConfig, ExitSample, ExitTrainer};
-use specd_engine::{ExitAdapter, Model};
+use specd_engine::exit_train::{ExitConfig, ExitTrainer};
+use specd_engine::lora_train::{LoraConfig, LoraTrainer};
+use specd_engine::{Model, TrainedWeights};
 use specd_service::Shutdown;
 
 use crate::buffer::{ReplayBuffer, Sample};
 use crate::idle::IdleGate;
+use crate::learner::Learner;
 use crate::publish::{GateConfig, GateFigures, LiveCounts, Publisher};
 use crate::service::TrainingStatus;
 
 /// How the loop trains.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
-    /// The shelf (drafter kind) trained for.
+    /// The shelf (drafter kind) trained for: `self` trains an exit adapter, `model` LoRA adapters.
     pub kind: String,
     pub exit: ExitConfig,
+    pub lora: LoraConfig,
     pub mask: PositionMask,
-    /// Positions per optimizer step.
+    /// Positions per optimizer step (exit adapter).
     pub batch: usize,
+    /// Sequences per optimizer step (LoRA).
+    pub lora_batch: usize,
     /// Steps between two held-out evaluations.
     pub eval_every: u64,
     /// Held-out positions evaluated, at most.
@@ -53,8 +59,10 @@ impl Default for TrainConfig {
         Self {
             kind: "self".into(),
             exit: ExitConfig::default(),
+            lora: LoraConfig::default(),
             mask: PositionMask::Rejected,
             batch: 64,
+            lora_batch: 2,
             eval_every: 20,
             eval_positions: 512,
             gate: GateConfig::default(),
@@ -89,37 +97,13 @@ pub struct Publishing {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// The exit states and targets of a sample's positions that `mask` keeps.
-fn exit_samples(
-    drafter: &Model,
-    sample: &Sample,
-    mask: PositionMask,
-) -> Result<Vec<ExitSample>, specd_engine::EngineError> {
-    let kept: Vec<_> = sample
-        .positions
-        .iter()
-        .filter(|p| mask.keeps(p.draft.is_some() && !p.rejected))
-        .collect();
-    let Some(upto) = kept.iter().map(|p| p.prefix).max() else {
-        return Ok(Vec::new());
-    };
-    let d = drafter.config().hidden;
-    let hidden = drafter.final_hidden(&mut drafter.new_cache(), &sample.context[..upto])?;
-    Ok(kept
-        .into_iter()
-        .map(|p| ExitSample {
-            hidden: hidden[(p.prefix - 1) * d..p.prefix * d].to_vec(),
-            target: p.target.clone(),
-        })
-        .collect())
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Starts the loop on its own thread; it ends when `stop` fires. Without `publishing` it trains and
-/// evaluates but publishes nothing.
+/// evaluates but publishes nothing. The drafter kind (`cfg.kind`) picks what is trained: `model`, the
+/// draft model's LoRA adapters; anything else, the exit adapter of the self-drafter `drafter`.
 pub fn spawn(
     drafter: Model,
     cfg: TrainConfig,
@@ -131,28 +115,33 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("specd-trainer".into())
         .spawn(move || {
-            if let Err(e) = run(&drafter, &cfg, &shared, &gate, publishing.as_ref(), &stop) {
+            let p = publishing.as_ref();
+            let result = match cfg.kind.as_str() {
+                "model" => run::<LoraTrainer>(&drafter, &cfg, &shared, &gate, p, &stop),
+                _ => run::<ExitTrainer>(&drafter, &cfg, &shared, &gate, p, &stop),
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %e, "the training loop stopped");
             }
         })
 }
 
 /// The training state of one leadership term.
-struct Term {
-    trainer: ExitTrainer,
-    /// The live version's adapter (`None`: the plain exit), for the gate's comparison.
-    live: Option<ExitAdapter>,
+struct Term<L: Learner> {
+    trainer: L,
+    /// The live version's weights (`None`: the plain drafter), for the gate's comparison.
+    live: Option<TrainedWeights>,
     trained_upto: u64,
-    pending: Vec<ExitSample>,
-    /// Positions already trained on once, kept for replay while there is nothing new.
-    replay: std::collections::VecDeque<ExitSample>,
+    pending: Vec<L::Item>,
+    /// Items already trained on once, kept for replay while there is nothing new.
+    replay: std::collections::VecDeque<L::Item>,
     /// Replayed positions still allowed (each new position adds `REPLAY_FACTOR`).
     replay_credit: usize,
     /// Position of the replay cursor.
     replay_at: usize,
 }
 
-impl Term {
+impl<L: Learner> Term<L> {
     /// Starts from the live version, or from scratch when nothing is published (or it cannot be read).
     fn start(
         drafter: &Model,
@@ -160,9 +149,8 @@ impl Term {
         publishing: Option<&Publishing>,
         status: &Mutex<TrainingStatus>,
     ) -> Result<Self, specd_engine::EngineError> {
-        let hidden = drafter.config().hidden;
         let live = publishing.and_then(|p| {
-            match p.runtime.block_on(p.publisher.load_live(hidden)) {
+            match p.runtime.block_on(p.publisher.load_live(drafter)) {
                 Ok(v) => v,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not read the live version; training from scratch");
@@ -179,9 +167,9 @@ impl Term {
                     version = v.version,
                     "resuming training from the live version"
                 );
-                ExitTrainer::resume(drafter, cfg.exit, a)?
+                L::resume(drafter, cfg, a)?
             }
-            None => ExitTrainer::new(drafter, cfg.exit, 1)?,
+            None => L::fresh(drafter, cfg)?,
         };
         Ok(Self {
             trainer,
@@ -196,7 +184,7 @@ impl Term {
 
     /// A replay batch: positions trained before, walked in a stride that visits all of them, while the
     /// credit lasts.
-    fn replay_batch(&mut self, batch: usize) -> Option<Vec<ExitSample>> {
+    fn replay_batch(&mut self, batch: usize) -> Option<Vec<L::Item>> {
         if self.replay_credit < batch || self.replay.len() < batch {
             return None;
         }
@@ -213,7 +201,7 @@ impl Term {
     }
 }
 
-fn run(
+fn run<L: Learner>(
     drafter: &Model,
     cfg: &TrainConfig,
     shared: &Shared,
@@ -221,8 +209,8 @@ fn run(
     publishing: Option<&Publishing>,
     stop: &Shutdown,
 ) -> Result<(), specd_engine::EngineError> {
-    let mut term: Option<Term> = None;
-    let batch = cfg.batch.max(1);
+    let mut term: Option<Term<L>> = None;
+    let batch = L::batch(cfg);
     let mut watched = Instant::now();
     while !stop.is_triggered() {
         if !shared.leader.load(Ordering::Relaxed) {
@@ -283,12 +271,12 @@ fn run(
                 if !gate.may_train() {
                     break;
                 }
-                t.pending.extend(exit_samples(drafter, s, cfg.mask)?);
+                t.pending.extend(L::items(drafter, s, cfg.mask)?);
                 t.trained_upto = s.seq;
             }
             continue;
         }
-        let chunk: Vec<ExitSample> = t.pending.drain(..batch).collect();
+        let chunk: Vec<L::Item> = t.pending.drain(..batch).collect();
         train_step(drafter, cfg, shared, gate, t, publishing, &chunk, "new")?;
         // Trained once: kept for replay.
         t.replay_credit += chunk.len() * REPLAY_FACTOR;
@@ -303,14 +291,14 @@ fn run(
 
 /// One optimizer step on `chunk`, then an evaluation when one is due.
 #[allow(clippy::too_many_arguments)]
-fn train_step(
+fn train_step<L: Learner>(
     drafter: &Model,
     cfg: &TrainConfig,
     shared: &Shared,
     gate: &IdleGate,
-    t: &mut Term,
+    t: &mut Term<L>,
     publishing: Option<&Publishing>,
-    chunk: &[ExitSample],
+    chunk: &[L::Item],
     source: &'static str,
 ) -> Result<(), specd_engine::EngineError> {
     let t0 = Instant::now();
@@ -318,14 +306,15 @@ fn train_step(
     let took = t0.elapsed().as_secs_f64();
     metrics::histogram!("specd_trainer_step_seconds").record(took);
     metrics::counter!("specd_trainer_steps_total", "source" => source).increment(1);
+    let positions = L::positions(chunk);
     metrics::counter!("specd_trainer_positions_total", "source" => source)
-        .increment(chunk.len() as u64);
+        .increment(positions as u64);
     metrics::gauge!("specd_trainer_loss").set(loss);
     let steps = {
         let mut st = lock(&shared.status);
         st.steps += 1;
         st.last_loss = loss;
-        st.trained_positions += chunk.len() as u64;
+        st.trained_positions += positions as u64;
         st.trained_seconds += took;
         st.steps
     };
@@ -337,12 +326,12 @@ fn train_step(
 
 /// Measures the live version and the candidate on recent held-out samples; publishes the candidate
 /// when the gate lets it out.
-fn evaluate(
+fn evaluate<L: Learner>(
     drafter: &Model,
     cfg: &TrainConfig,
     shared: &Shared,
     gate: &IdleGate,
-    t: &mut Term,
+    t: &mut Term<L>,
     publishing: Option<&Publishing>,
 ) -> Result<(), specd_engine::EngineError> {
     let held: Vec<Arc<Sample>> = lock(&shared.buffer)
@@ -351,23 +340,22 @@ fn evaluate(
         .unwrap_or_default();
     let mut eval = Vec::new();
     for s in &held {
-        if eval.len() >= cfg.eval_positions {
+        if L::positions(&eval) >= cfg.eval_positions {
             break;
         }
         if !gate.may_train() {
             // Load arrived: this evaluation is given up (the next one comes after more steps).
             return Ok(());
         }
-        eval.extend(exit_samples(drafter, s, PositionMask::All)?);
+        eval.extend(L::items(drafter, s, PositionMask::All)?);
     }
-    eval.truncate(cfg.eval_positions);
-    if eval.is_empty() {
+    if L::positions(&eval) == 0 {
         return Ok(());
     }
     let figures = GateFigures {
-        live: t.trainer.expected_acceptance_of(t.live.as_ref(), &eval)?,
-        candidate: t.trainer.expected_acceptance(&eval)?,
-        positions: eval.len(),
+        live: t.trainer.acceptance_of(t.live.as_ref(), &eval)?,
+        candidate: t.trainer.acceptance(&eval)?,
+        positions: L::positions(&eval),
     };
     metrics::counter!("specd_trainer_evaluations_total").increment(1);
     metrics::gauge!("specd_trainer_gate_acceptance", "version" => "live").set(figures.live);
@@ -394,7 +382,7 @@ fn evaluate(
     if !cfg.gate.passes(&figures) || !shared.leader.load(Ordering::Relaxed) {
         return Ok(());
     }
-    let adapter = t.trainer.adapter()?;
+    let adapter = t.trainer.weights()?;
     match p.runtime.block_on(p.publisher.publish(&adapter, figures)) {
         Ok(v) => {
             t.live = Some(adapter);
@@ -533,6 +521,12 @@ mod tests {
                 eval_every: 5,
                 ..TrainConfig::default()
             };
+            let drafter = self.target.truncated(1).unwrap();
+            self.start_with(drafter, cfg);
+        }
+
+        /// Starts the loop on `drafter` with `cfg` (its kind the publisher's).
+        fn start_with(&mut self, drafter: Model, cfg: TrainConfig) {
             let shared = Shared {
                 buffer: self.svc.buffer_handle(),
                 status: self.svc.training_handle(),
@@ -543,7 +537,6 @@ mod tests {
                 publisher: self.publisher.clone(),
                 runtime: tokio::runtime::Handle::current(),
             };
-            let drafter = self.target.truncated(1).unwrap();
             self.thread = Some(
                 spawn(
                     drafter,
@@ -605,17 +598,12 @@ mod tests {
         // A real improvement: the published file, loaded as a drafter worker would, accepts more of the
         // target's held-out distributions than the plain exit.
         let drafter = rig.target.truncated(1).unwrap();
-        let (_, adapter) = rig
-            .publisher
-            .load_live(drafter.config().hidden)
-            .await
-            .unwrap()
-            .unwrap();
-        let held: Vec<ExitSample> = (500..510)
+        let (_, adapter) = rig.publisher.load_live(&drafter).await.unwrap().unwrap();
+        let held: Vec<specd_engine::exit_train::ExitSample> = (500..510)
             .flat_map(|s| {
                 let sample =
                     crate::buffer::validate(captured(&rig.target, s), "tiny", 1 << 20).unwrap();
-                exit_samples(&drafter, &sample, PositionMask::All).unwrap()
+                <ExitTrainer as Learner>::items(&drafter, &sample, PositionMask::All).unwrap()
             })
             .collect();
         let cfg = ExitConfig::default();
@@ -623,7 +611,7 @@ mod tests {
             .unwrap()
             .expected_acceptance(&held)
             .unwrap();
-        let after = ExitTrainer::resume(&drafter, cfg, &adapter)
+        let after = <ExitTrainer as Learner>::resume(&drafter, &TrainConfig::default(), &adapter)
             .unwrap()
             .expected_acceptance(&held)
             .unwrap();
@@ -704,6 +692,60 @@ mod tests {
             st.live_version == parent
         })
         .await;
+        rig.stop();
+    }
+
+    /// Kind `model`: the loop distills a separate draft model's LoRA adapters and publishes a version
+    /// that, loaded as a drafter worker loads it, accepts more of the target's held-out distributions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_loop_distills_a_draft_models_lora_and_publishes_it() {
+        let mut rig = Rig::new().await;
+        let path = rig._dir.path().join("draft.gguf");
+        let mut spec = TinySpec::new(Family::Qwen2, 12);
+        spec.layers = 2;
+        spec.scale = 0.3;
+        write_tiny_model(&path, &spec).unwrap();
+        let drafter = load_gguf(&path).unwrap().model;
+        rig.publisher.kind = "model".into();
+        rig.publisher.layers = drafter.config().layers;
+        let as_model = |mut s: pb::DistillSample| {
+            s.drafter_kind = "model".into();
+            s
+        };
+        for s in 0..60 {
+            assert!(rig.svc.submit(as_model(captured(&rig.target, s))));
+        }
+        let cfg = TrainConfig {
+            kind: "model".into(),
+            lora: LoraConfig {
+                rank: 4,
+                lr: 3e-3,
+                ..LoraConfig::default()
+            },
+            eval_every: 5,
+            ..TrainConfig::default()
+        };
+        rig.start_with(drafter.clone(), cfg);
+        rig.wait("nothing published", |st| st.publishes >= 1).await;
+        let (live, weights) = rig.publisher.load_live(&drafter).await.unwrap().unwrap();
+        assert_eq!(live.kind, "model");
+        let TrainedWeights::Lora(lora) = &weights else {
+            panic!("published {weights:?}, not LoRA adapters");
+        };
+        let held: Vec<specd_engine::lora_train::SeqSample> = (500..510)
+            .flat_map(|s| {
+                let sample =
+                    crate::buffer::validate(as_model(captured(&rig.target, s)), "tiny", 1 << 20)
+                        .unwrap();
+                <LoraTrainer as Learner>::items(&drafter, &sample, PositionMask::All).unwrap()
+            })
+            .collect();
+        let t = LoraTrainer::new(&drafter, LoraConfig::default(), 1).unwrap();
+        let before = t.expected_acceptance_of(None, &held).unwrap();
+        let after = t.expected_acceptance_of(Some(lora), &held).unwrap();
+        assert!(after > before, "published {before} -> {after}");
+        // What a drafter worker serves with it is the adapted draft model.
+        assert!(weights.apply_to(&drafter).unwrap().lora().is_some());
         rig.stop();
     }
 }

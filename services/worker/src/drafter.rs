@@ -13,7 +13,6 @@ use specd_core::{Sampler, SamplingParams};
 use specd_engine::drafter::{
     Drafter, DrafterKind, Feedback, ModelDrafter, NgramConfig, SharedNgram,
 };
-use specd_engine::Model;
 use specd_proto::internal::v1 as pb;
 use specd_proto::internal::v1::drafter_server;
 use tokio::sync::mpsc;
@@ -36,8 +35,8 @@ const DRAFT_SEED_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
 /// What a drafter worker can draft with.
 #[derive(Clone)]
 pub struct DrafterModels {
-    /// A separate draft model, for kind `model`.
-    pub draft: Option<Model>,
+    /// A separate draft model, for kind `model`, with its live trained (LoRA) version.
+    pub draft: Option<LiveDrafter>,
     /// The self-drafter (the target's first layers), for kind `self`, with its live trained version.
     pub self_drafter: Option<LiveDrafter>,
     /// Whether the model-free kinds (`ngram`, `auto`) are offered.
@@ -120,7 +119,8 @@ impl DrafterService {
     /// A drafter of `kind` for one sequence, and the version of its weights. A seeded request gets an
     /// n-gram drafter with its own fresh state instead of the worker-wide one: its proposals, and so its
     /// random draws, must not depend on what other requests taught the shared table (same seed, same
-    /// output). A self-drafter is the version live when the sequence opens, to its end.
+    /// output). A trained drafter (draft model or self-drafter) is the version live when the sequence opens,
+    /// to its end.
     fn build(&self, kind: &str, seeded: bool) -> Result<(Box<dyn Drafter>, String), Status> {
         let m = &self.inner.models;
         let kind: DrafterKind = kind
@@ -135,13 +135,13 @@ impl DrafterService {
         };
         let version = self.inner.identity.weights_version.clone();
         Ok(match kind {
-            DrafterKind::Model => (
-                Box::new(ModelDrafter::new(
-                    DrafterKind::Model,
-                    m.draft.clone().ok_or_else(unavailable)?,
-                )),
-                version,
-            ),
+            DrafterKind::Model => {
+                let (model, v) = m.draft.as_ref().ok_or_else(unavailable)?.current();
+                (
+                    Box::new(ModelDrafter::new(DrafterKind::Model, model)),
+                    v.to_string(),
+                )
+            }
             DrafterKind::SelfLayers => {
                 let (model, v) = m.self_drafter.as_ref().ok_or_else(unavailable)?.current();
                 (

@@ -1,13 +1,14 @@
 //! Hot swap of a drafter worker's trained drafter: follow the live version in the coordination store,
 //! fetch and check its weights, load them beside the running drafter and switch new sequences to them.
 //!
-//! [`LiveDrafter`] holds the self-drafter as loaded (version 0) and the version live now. A stream takes
+//! [`LiveDrafter`] holds a trainable drafter (the self-drafter, or the draft model) as loaded (version
+//! 0) and the version live now. A stream takes
 //! the live model when it opens and keeps it to the end: sequences in flight finish on the version they
 //! started with (their KV caches stay valid and nothing waits), new sequences get the new version. A
 //! swap is one pointer store under a lock held for nanoseconds, so it sits between two steps of every
 //! stream and slows none of them.
 //!
-//! [`follow`] reads `/specd/v1/drafters/{model}/self/current`, then watches it. For a new version it
+//! [`follow`] reads `/specd/v1/drafters/{model}/{kind}/current`, then watches it. For a new version it
 //! fetches the file from the trainer named in the record (`Trainer.FetchWeights`), checks size and
 //! sha256 against the record, parses it, builds the adapted drafter and runs a short forward to check
 //! that its logits are finite, all off the async threads; only then does it swap. A file that fails any
@@ -22,31 +23,35 @@ use std::time::{Duration, Instant};
 use specd_coord::backoff::Backoff;
 use specd_coord::records::now_unix_ms;
 use specd_coord::{keys, BadVersion, DrafterVersion, Record, Store, WatchEvent};
-use specd_engine::{ExitAdapter, LogitsWanted, Model};
+use specd_engine::{LogitsWanted, Model, TrainedWeights};
 use specd_proto::internal::v1 as pb;
 use specd_service::grpc::Keepalive;
 use specd_service::weights::{fetch, Expected, FetchError};
 use specd_service::Shutdown;
 
-/// The drafter kind that is trained and swapped.
-pub const KIND: &str = "self";
-
 /// Largest weight file a drafter accepts.
 pub const MAX_WEIGHT_BYTES: u64 = 256 << 20;
 
-/// The self-drafter as loaded and the version serving new sequences.
+/// A trainable drafter as loaded and the version serving new sequences.
 #[derive(Clone)]
 pub struct LiveDrafter {
     base: Model,
+    /// Its kind on the wire and in the store (`self` or `model`).
+    kind: String,
     live: Arc<RwLock<(Model, u64)>>,
 }
 
 impl LiveDrafter {
-    pub fn new(base: Model) -> Self {
+    pub fn new(base: Model, kind: &str) -> Self {
         Self {
             live: Arc::new(RwLock::new((base.clone(), 0))),
+            kind: kind.to_string(),
             base,
         }
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.kind
     }
 
     /// The model new sequences draft with, and its version.
@@ -58,11 +63,14 @@ impl LiveDrafter {
         self.live.read().unwrap_or_else(|e| e.into_inner()).1
     }
 
-    /// The drafter with `adapter` (none: as loaded), checked: the adapter fits and a short forward
-    /// gives finite logits. CPU work; call it off the async threads.
-    pub fn prepare(&self, adapter: Option<ExitAdapter>) -> Result<Model, String> {
-        let model = self.base.with_adapter(adapter).map_err(|e| e.to_string())?;
-        if model.adapter().is_some() {
+    /// The drafter with trained weights `w` (none: as loaded), checked: the weights fit and a short
+    /// forward gives finite logits. CPU work; call it off the async threads.
+    pub fn prepare(&self, w: Option<TrainedWeights>) -> Result<Model, String> {
+        let Some(w) = w else {
+            return Ok(self.base.clone());
+        };
+        let model = w.apply_to(&self.base).map_err(|e| e.to_string())?;
+        {
             let probe: Vec<u32> = (0..8u32)
                 .map(|i| (i * 7919) % model.config().vocab as u32)
                 .collect();
@@ -79,7 +87,7 @@ impl LiveDrafter {
     /// Makes `model` (version `version`) the drafter of new sequences.
     pub fn install(&self, model: Model, version: u64) {
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = (model, version);
-        metrics::gauge!("specd_drafter_version", "kind" => KIND).set(version as f64);
+        metrics::gauge!("specd_drafter_version", "kind" => self.kind.clone()).set(version as f64);
     }
 }
 
@@ -97,7 +105,7 @@ pub struct FollowConfig {
 
 /// Keeps `live` on the version the store names, until `stop`.
 pub async fn follow(store: Store, cfg: FollowConfig, live: LiveDrafter, stop: Shutdown) {
-    let key = keys::drafter_current(&cfg.model, KIND);
+    let key = keys::drafter_current(&cfg.model, &live.kind);
     let mut backoff = Backoff::reconnect();
     loop {
         // Start (or start over) from a read of the record, then follow its changes.
@@ -162,7 +170,7 @@ async fn apply(
     r: DrafterVersion,
     stop: &Shutdown,
 ) {
-    if r.version == live.version() || r.kind != KIND {
+    if r.version == live.version() || r.kind != live.kind {
         return;
     }
     let layers = live.base.config().layers as u64;
@@ -172,7 +180,8 @@ async fn apply(
             version = r.version,
             trained_for = r.layers,
             layers,
-            "drafter version trained for another self-drafter depth; not loaded (check --self-layers and --train-layers)"
+            kind = %live.kind,
+            "drafter version trained for another drafter depth; not loaded (check --self-layers and --train-layers, or the draft model)"
         );
         metrics::counter!("specd_drafter_swaps_total", "outcome" => "mismatch").increment(1);
         return;
@@ -216,8 +225,7 @@ async fn apply(
                 }
             }
         };
-        let hidden = live.base.config().hidden;
-        match ExitAdapter::from_file_bytes(&data, hidden) {
+        match TrainedWeights::from_file_bytes(&data, &live.base) {
             Ok(a) => Some(a),
             Err(e) => {
                 refuse(store, cfg, &r, e.to_string()).await;

@@ -7,8 +7,11 @@
 use std::time::{Duration, Instant};
 
 use specd_coord::{keys, BadVersion, DrafterVersion, Store};
+use specd_engine::lora::LoraPair;
 use specd_engine::testing::{write_tiny_model, TinySpec};
-use specd_engine::{load_gguf, ExitAdapter, Family, LogitsWanted, Model};
+use specd_engine::{
+    load_gguf, ExitAdapter, Family, LogitsWanted, LoraAdapter, Model, TrainedWeights,
+};
 use specd_proto::internal::v1::trainer_server::TrainerServer;
 use specd_service::grpc::Keepalive;
 use specd_service::Shutdown;
@@ -31,13 +34,27 @@ struct Rig {
 }
 
 async fn rig() -> Rig {
+    rig_for("self").await
+}
+
+/// A trainer and a drafter worker's follower for drafter `kind`: `self` drafts with the target's first
+/// layer, `model` with a separate two-layer draft model.
+async fn rig_for(kind: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     let mut spec = TinySpec::new(Family::Qwen2, 5);
     spec.layers = 3;
     write_tiny_model(&path, &spec).unwrap();
     let target = load_gguf(&path).unwrap().model;
-    let base = target.truncated(1).unwrap();
+    let base = if kind == "model" {
+        let draft = dir.path().join("draft.gguf");
+        let mut spec = TinySpec::new(Family::Qwen2, 6);
+        spec.layers = 2;
+        write_tiny_model(&draft, &spec).unwrap();
+        load_gguf(&draft).unwrap().model
+    } else {
+        target.truncated(1).unwrap()
+    };
     let weights = WeightStore::open(dir.path().join("weights")).unwrap();
     let svc = TrainerService::new(TrainerConfig {
         model: "tiny".into(),
@@ -57,13 +74,13 @@ async fn rig() -> Rig {
         store: store.clone(),
         weights,
         model: "tiny".into(),
-        kind: "self".into(),
-        layers: 1,
+        kind: kind.into(),
+        layers: base.config().layers,
         url: addr,
         cfg: GateConfig::default(),
         keepalive: Keepalive::default(),
     };
-    let live = LiveDrafter::new(base.clone());
+    let live = LiveDrafter::new(base.clone(), kind);
     let stop = Shutdown::new();
     tokio::spawn(follow(
         store.clone(),
@@ -133,8 +150,37 @@ async fn until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// LoRA adapters (rank 2 on q and down) for the first `layers` layers of `m`.
+fn lora(m: &Model, layers: usize, seed: f32) -> LoraAdapter {
+    let targets = vec![0, 6];
+    let mut pairs = Vec::new();
+    for l in 0..layers {
+        for &p in &targets {
+            let w = m.weights().layers[l].matrices()[p].1;
+            pairs.push(LoraPair {
+                a: (0..2 * w.cols())
+                    .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.1)
+                    .collect(),
+                b: (0..2 * w.rows())
+                    .map(|i| ((i as f32 * 0.11 - seed).cos()) * 0.1)
+                    .collect(),
+            });
+        }
+    }
+    LoraAdapter {
+        rank: 2,
+        scale: 1.0,
+        targets,
+        pairs,
+    }
+}
+
 async fn bad_reports(store: &Store, version: u64) -> Vec<BadVersion> {
-    let prefix = format!("{}bad/{version:020}/", keys::drafter("tiny", "self"));
+    bad_reports_of(store, "self", version).await
+}
+
+async fn bad_reports_of(store: &Store, kind: &str, version: u64) -> Vec<BadVersion> {
+    let prefix = format!("{}bad/{version:020}/", keys::drafter("tiny", kind));
     store.list_records(&prefix).await.unwrap().0
 }
 
@@ -147,7 +193,7 @@ async fn a_published_version_is_swapped_in_for_new_sequences_and_a_rollback_rest
     let a1 = adapter(d, 1.0);
     let v1 = r
         .publisher
-        .publish(&a1, GateFigures::default())
+        .publish(&TrainedWeights::Exit(a1.clone()), GateFigures::default())
         .await
         .unwrap();
     until("version 1 not swapped in", || r.live.version() == 1).await;
@@ -171,7 +217,10 @@ async fn a_published_version_is_swapped_in_for_new_sequences_and_a_rollback_rest
 
     let v2 = r
         .publisher
-        .publish(&adapter(d, 2.0), GateFigures::default())
+        .publish(
+            &TrainedWeights::Exit(adapter(d, 2.0)),
+            GateFigures::default(),
+        )
         .await
         .unwrap();
     until("version 2 not swapped in", || r.live.version() == 2).await;
@@ -194,7 +243,7 @@ async fn corrupt_nan_and_mislabelled_files_are_refused_and_the_live_version_stay
     let d = r.base.config().hidden;
     let a1 = adapter(d, 1.0);
     r.publisher
-        .publish(&a1, GateFigures::default())
+        .publish(&TrainedWeights::Exit(a1.clone()), GateFigures::default())
         .await
         .unwrap();
     until("version 1 not swapped in", || r.live.version() == 1).await;
@@ -202,7 +251,10 @@ async fn corrupt_nan_and_mislabelled_files_are_refused_and_the_live_version_stay
     // Version 3's file is damaged at rest: one flipped byte, so its sha256 is not the record's.
     let v2 = r
         .publisher
-        .publish(&adapter(d, 2.0), GateFigures::default())
+        .publish(
+            &TrainedWeights::Exit(adapter(d, 2.0)),
+            GateFigures::default(),
+        )
         .await
         .unwrap();
     let mut bytes = r
@@ -266,5 +318,58 @@ async fn corrupt_nan_and_mislabelled_files_are_refused_and_the_live_version_stay
     let v = r.live.version();
     assert!(v == 1 || v == 2, "live version {v}");
     assert!(r.live.current().0.adapter().is_some());
+    r.stop.trigger();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_draft_models_lora_versions_swap_in_and_one_for_another_depth_is_refused() {
+    let r = rig_for("model").await;
+    let layers = r.base.config().layers;
+    let l1 = lora(&r.base, layers, 1.0);
+    let v1 = r
+        .publisher
+        .publish(&TrainedWeights::Lora(l1.clone()), GateFigures::default())
+        .await
+        .unwrap();
+    until("LoRA version 1 not swapped in", || r.live.version() == 1).await;
+    let (model, version) = r.live.current();
+    assert_eq!(version, v1.version);
+    assert_eq!(model.lora(), Some(&l1));
+    let tokens = [1u32, 5, 9, 13];
+    let with = model
+        .forward(&mut model.new_cache(), &tokens, LogitsWanted::All)
+        .unwrap();
+    let want = r
+        .base
+        .with_lora(Some(l1.clone()))
+        .unwrap()
+        .forward(&mut r.base.new_cache(), &tokens, LogitsWanted::All)
+        .unwrap();
+    assert_eq!(with, want);
+    let plain = r
+        .base
+        .forward(&mut r.base.new_cache(), &tokens, LogitsWanted::All)
+        .unwrap();
+    assert_ne!(with, plain);
+
+    // Adapters for a one-layer model: the file is well formed but does not fit this draft model.
+    let v2 = r
+        .publisher
+        .publish(
+            &TrainedWeights::Lora(lora(&r.base, layers - 1, 2.0)),
+            GateFigures::default(),
+        )
+        .await
+        .unwrap();
+    let end = Instant::now() + WAIT;
+    while bad_reports_of(&r.store, "model", v2.version)
+        .await
+        .is_empty()
+    {
+        assert!(Instant::now() < end, "the misfit version was not reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.live.version(), 1);
+    assert_eq!(r.live.current().0.lora(), Some(&l1));
     r.stop.trigger();
 }

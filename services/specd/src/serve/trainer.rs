@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use specd_coord::{Role, Store};
 use specd_engine::exit_train::ExitConfig;
+use specd_engine::lora_train::LoraConfig;
 use specd_engine::preset::{default_self_layers, trim_draft_head};
 use specd_engine::{load_gguf, LoadedModel};
 use specd_proto::internal::v1::trainer_server::TrainerServer;
@@ -38,6 +39,26 @@ pub struct TrainArgs {
     /// Optimizer steps between two held-out evaluations (each may publish).
     #[arg(long, env = "SPECD_EVAL_STEPS", default_value_t = 20)]
     pub eval_steps: u64,
+    /// Drafter kind distilled: `self` (the self-drafter's exit adapter) or `model` (LoRA adapters on
+    /// the separate draft model's projections, OSD's own setting; needs a draft model: the qwen preset
+    /// or --draft-model).
+    #[arg(long, env = "SPECD_TRAIN_KIND", default_value = "self")]
+    pub train_kind: String,
+    /// Rank of the draft model's LoRA adapters (kind `model`).
+    #[arg(long, env = "SPECD_TRAIN_LORA_RANK", default_value_t = 8)]
+    pub train_lora_rank: usize,
+    /// LoRA alpha: the adapters' update is scaled by alpha / rank.
+    #[arg(long, env = "SPECD_TRAIN_LORA_ALPHA", default_value_t = 16.0)]
+    pub train_lora_alpha: f32,
+    /// Projections given LoRA adapters: `all` or a list of q, k, v, o, gate, up, down.
+    #[arg(long, env = "SPECD_TRAIN_LORA_TARGETS", default_value = "all")]
+    pub train_lora_targets: String,
+    /// AdamW learning rate of the LoRA adapters.
+    #[arg(long, env = "SPECD_TRAIN_LORA_LR", default_value_t = 5e-4)]
+    pub train_lora_lr: f64,
+    /// Sequences per LoRA optimizer step.
+    #[arg(long, env = "SPECD_TRAIN_LORA_BATCH", default_value_t = 2)]
+    pub train_lora_batch: usize,
     /// Target layers of the self-drafter whose exit adapter is trained (default: --self-layers, else
     /// the preset's). Drafter workers refuse versions trained for another layer count.
     #[arg(long, env = "SPECD_TRAIN_LAYERS")]
@@ -97,6 +118,21 @@ impl TrainArgs {
         if self.train_rank == 0 || !(self.train_lr > 0.0 && self.train_lr.is_finite()) {
             bail!("--train-rank must be at least 1 and --train-lr positive");
         }
+        if !matches!(self.train_kind.as_str(), "self" | "model") {
+            bail!(
+                "--train-kind must be self or model, got {:?}",
+                self.train_kind
+            );
+        }
+        if self.train_lora_rank == 0
+            || !(self.train_lora_lr > 0.0 && self.train_lora_lr.is_finite())
+            || !(self.train_lora_alpha > 0.0 && self.train_lora_alpha.is_finite())
+            || self.train_lora_batch == 0
+        {
+            bail!("--train-lora-rank and --train-lora-batch must be at least 1, --train-lora-lr and --train-lora-alpha positive");
+        }
+        let targets = specd_engine::lora::parse_projections(&self.train_lora_targets)
+            .map_err(|e| anyhow::anyhow!("--train-lora-targets: {e}"))?;
         let fraction = |v: f64| (0.0..=1.0).contains(&v);
         if !fraction(self.gate_margin) || !fraction(self.rollback_margin) {
             bail!("--gate-margin and --rollback-margin are acceptance differences between 0 and 1");
@@ -114,18 +150,33 @@ impl TrainArgs {
                 loss,
                 ..ExitConfig::default()
             },
+            lora: LoraConfig {
+                rank: self.train_lora_rank,
+                alpha: self.train_lora_alpha,
+                lr: self.train_lora_lr,
+                loss,
+                targets,
+                ..LoraConfig::default()
+            },
+            kind: self.train_kind.clone(),
+            lora_batch: self.train_lora_batch,
             mask,
             eval_every: self.eval_steps.max(1),
             ..TrainConfig::default()
         })
     }
 
-    /// The self-drafter of `target` whose exit is trained (the same trimmed head it drafts with).
+    /// The drafter trained, as drafter workers serve it (the same trimmed head): for kind `model` the
+    /// separate draft model, else the self-drafter of `target` whose exit is trained.
     pub(crate) fn drafter(
         &self,
         target: &LoadedModel,
         margs: &ModelArgs,
     ) -> anyhow::Result<specd_engine::Model> {
+        if self.train_kind == "model" {
+            let (preset, _) = target_file(margs)?;
+            return super::draft_model(preset, margs, target);
+        }
         let layers = self
             .train_layers
             .or(margs.self_layers)
@@ -169,7 +220,7 @@ pub(crate) async fn start_trainer(
     shutdown: Shutdown,
 ) -> anyhow::Result<specd_worker::Running> {
     let cfg = train.train()?;
-    let exit_layers = drafter.config().layers;
+    let drafter_layers = drafter.config().layers;
     let weights = WeightStore::open(&train.weights_dir)
         .with_context(|| format!("opening the weight store {}", train.weights_dir.display()))?;
     let svc = TrainerService::new(TrainerConfig {
@@ -214,7 +265,7 @@ pub(crate) async fn start_trainer(
             weights,
             model: model.clone(),
             kind: cfg.kind.clone(),
-            layers: exit_layers,
+            layers: drafter_layers,
             url: running.advertised.clone(),
             cfg: cfg.gate,
             keepalive: args.keepalive(),
@@ -258,7 +309,8 @@ pub fn run_trainer(args: TrainerArgs) -> anyhow::Result<()> {
         false,
         |store, shutdown| async move {
             let (_, path) = target_file(&a.model)?;
-            // The target's first layers are the self-drafter whose exit is distilled.
+            // The draft model, or the target's first layers (the self-drafter whose exit is
+            // distilled).
             let target = load_gguf(&path)?;
             let drafter = a.train.drafter(&target, &a.model)?;
             let running = start_trainer(
