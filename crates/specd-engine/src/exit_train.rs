@@ -8,6 +8,8 @@
 //! `specd_core::distill`'s against the target's captured top-w distribution; its gradient with respect to
 //! the logits is analytic, and candle's autograd carries it to `A` and `B` through the surrogate
 //! `sum(logits * g)` with `g` held constant, whose gradient is exactly the loss's. AdamW updates them.
+//! The head is a frozen op (`lora_train`'s): its forward is the drafter's own served head, its backward
+//! a multiply by the f32 rows, and no gradient of the head itself is computed.
 //!
 //! `B` starts at zero, so an untrained adapter is the plain self-drafter; the trained one is applied at
 //! serving time by [`Model::with_adapter`] with the same arithmetic.
@@ -17,6 +19,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use specd_core::{expected_acceptance, loss_and_grad, Loss, TopTarget};
 
 use crate::error::EngineError;
+use crate::lora_train::Frozen;
 use crate::model::{ExitAdapter, Model};
 
 /// One training position: the exit's hidden state and the target's distribution there.
@@ -56,8 +59,8 @@ pub struct ExitTrainer {
     a: Var,
     b: Var,
     opt: AdamW,
-    /// Head rows (`columns x hidden`) and the final norm, frozen.
-    head: Tensor,
+    /// The head (its rows `columns x hidden` in f32 for the backward pass) and the final norm, frozen.
+    head: Frozen,
     norm: Tensor,
     columns: HeadColumns,
 }
@@ -161,7 +164,10 @@ impl ExitTrainer {
             a,
             b,
             opt,
-            head: Tensor::from_vec(w, (columns, d), &dev).map_err(candle)?,
+            head: Frozen::head(
+                drafter,
+                Tensor::from_vec(w, (columns, d), &dev).map_err(candle)?,
+            ),
             norm: Tensor::from_vec(norm, d, &dev).map_err(candle)?,
             columns: HeadColumns::new(drafter, columns),
         })
@@ -211,7 +217,7 @@ impl ExitTrainer {
         let ms = u.sqr()?.mean_keepdim(1)?;
         let normed = u.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
         let normed = normed.broadcast_mul(&self.norm)?;
-        normed.matmul(&self.head.t()?)
+        self.head.apply(&normed)
     }
 
     /// One optimizer step on `batch`; the mean loss before the step.

@@ -88,14 +88,22 @@ enum Forward {
 /// A frozen projection as a custom op: forward through the engine's kernel (the arithmetic serving
 /// runs), backward by the f32 weight, and no gradient for the weight itself.
 #[derive(Clone)]
-struct Frozen {
+pub(crate) struct Frozen {
     forward: Forward,
     /// `out x in`, f32.
     w: Tensor,
 }
 
 impl Frozen {
-    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `drafter`'s LM head (`w`: its rows in f32, one per logit column).
+    pub(crate) fn head(drafter: &Model, w: Tensor) -> Self {
+        Self {
+            forward: Forward::Head(Box::new(drafter.clone())),
+            w,
+        }
+    }
+
+    pub(crate) fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1(self.clone())
     }
 }
@@ -212,10 +220,10 @@ impl LoraTrainer {
         let d = drafter.config().hidden;
         let (head, norm) = drafter.head_f32()?;
         let columns = head.len() / d;
-        let head = Frozen {
-            forward: Forward::Head(Box::new(drafter.clone())),
-            w: Tensor::from_vec(head, (columns, d), &dev).map_err(candle)?,
-        };
+        let head = Frozen::head(
+            drafter,
+            Tensor::from_vec(head, (columns, d), &dev).map_err(candle)?,
+        );
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut vars = Vec::new();
         for li in 0..n_layers {

@@ -313,9 +313,9 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
     cmd.stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).context("creating the cluster log")?);
     eprintln!("demo-osd: starting the cluster (log: {})", log.display());
-    let _up = Up(cmd.spawn().context("starting specd up")?);
+    let mut up = Up(cmd.spawn().context("starting specd up")?);
     let rt = crate::serve::runtime()?;
-    rt.block_on(async {
+    let body = async {
         let addr = format!("http://127.0.0.1:{port}");
         let end = Instant::now() + Duration::from_secs(600);
         let mut client = loop {
@@ -329,6 +329,12 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
                 if c.generate(probe).await.is_ok() {
                     break c;
                 }
+            }
+            if let Ok(Some(status)) = up.0.try_wait() {
+                bail!(
+                    "specd up exited ({status}) before serving; see {}",
+                    log.display()
+                );
             }
             if Instant::now() > end {
                 bail!("the cluster did not come up; see {}", log.display());
@@ -378,7 +384,10 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
             },
         )
         .await?;
-        println!("target alone on the last phase-B window: {:.2} tok/s", alone.tok_s());
+        println!(
+            "target alone on the last phase-B window: {:.2} tok/s",
+            alone.tok_s()
+        );
         let phase_b: Vec<&Window> = windows.iter().filter(|w| w.phase == "B").collect();
         let (before, after) = (phase_b[0], phase_b[phase_b.len() - 1]);
         std::fs::write(&args.svg, svg(&windows, alone.tok_s()))
@@ -393,6 +402,14 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
             alone.tok_s()
         );
         Ok(())
+    };
+    // On SIGTERM or Ctrl-C the demo returns, so that dropping `up` stops the cluster it started.
+    rt.block_on(async {
+        let stop = specd_service::Shutdown::on_signals();
+        tokio::select! {
+            r = body => r,
+            _ = stop.wait() => bail!("demo-osd interrupted; stopping the cluster"),
+        }
     })
 }
 
