@@ -131,6 +131,10 @@ struct Term<L: Learner> {
     trainer: L,
     /// The live version's weights (`None`: the plain drafter), for the gate's comparison.
     live: Option<TrainedWeights>,
+    /// The live weights' held-out figure and the held-out samples (`seq`) it was measured on: the
+    /// live version does not change between publishes, so an evaluation on the same samples reuses it
+    /// (for LoRA each measurement is a forward of the draft model over every held-out context).
+    live_figure: Option<(Vec<u64>, f64)>,
     trained_upto: u64,
     pending: Vec<L::Item>,
     /// Items already trained on once, kept for replay while there is nothing new.
@@ -179,6 +183,7 @@ impl<L: Learner> Term<L> {
             replay: std::collections::VecDeque::new(),
             replay_credit: 0,
             replay_at: 0,
+            live_figure: None,
         })
     }
 
@@ -339,6 +344,7 @@ fn evaluate<L: Learner>(
         .map(|s| s.held_out().cloned().collect())
         .unwrap_or_default();
     let mut eval = Vec::new();
+    let mut used = Vec::new();
     for s in &held {
         if L::positions(&eval) >= cfg.eval_positions {
             break;
@@ -348,12 +354,21 @@ fn evaluate<L: Learner>(
             return Ok(());
         }
         eval.extend(L::items(drafter, s, PositionMask::All)?);
+        used.push(s.seq);
     }
     if L::positions(&eval) == 0 {
         return Ok(());
     }
+    let live = match &t.live_figure {
+        Some((on, v)) if *on == used => *v,
+        _ => {
+            let v = t.trainer.acceptance_of(t.live.as_ref(), &eval)?;
+            t.live_figure = Some((used, v));
+            v
+        }
+    };
     let figures = GateFigures {
-        live: t.trainer.acceptance_of(t.live.as_ref(), &eval)?,
+        live,
         candidate: t.trainer.acceptance(&eval)?,
         positions: L::positions(&eval),
     };
@@ -386,6 +401,7 @@ fn evaluate<L: Learner>(
     match p.runtime.block_on(p.publisher.publish(&adapter, figures)) {
         Ok(v) => {
             t.live = Some(adapter);
+            t.live_figure = None;
             let mut st = lock(&shared.status);
             st.live_version = v.version;
             st.publishes += 1;
