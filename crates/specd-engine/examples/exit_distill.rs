@@ -9,17 +9,13 @@
 //! first TRAIN_FILES, evaluation the next EVAL_FILES.
 use std::time::Instant;
 
+mod common;
+use common::{agreement, env};
+
 use specd_core::{Loss, TopTarget};
 use specd_engine::exit_train::{ExitConfig, ExitSample, ExitTrainer};
 use specd_engine::preset::{default_self_layers, trim_draft_head};
 use specd_engine::{load_gguf, LogitsWanted, Model};
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The positions of one file: the drafter's exit state and the target's top 32, and whether the
 /// plain drafter's argmax agrees with the target's.
@@ -45,28 +41,6 @@ fn file_samples(
     Ok(out)
 }
 
-/// Share of positions where `model`'s argmax (a token id) is the target's.
-fn agreement(
-    model: &Model,
-    files: &[Vec<u32>],
-    want: &[u32],
-) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut hit = 0usize;
-    let mut n = 0usize;
-    let ids = model.logit_ids().map(<[u32]>::to_vec);
-    for tokens in files {
-        let logits = model.forward(&mut model.new_cache(), tokens, LogitsWanted::All)?;
-        let cols = logits.len() / tokens.len();
-        for j in 0..tokens.len() {
-            let c = specd_core::argmax(&logits[j * cols..(j + 1) * cols]);
-            let id = ids.as_ref().map_or(c, |ids| ids[c as usize]);
-            hit += usize::from(id == want[n]);
-            n += 1;
-        }
-    }
-    Ok(hit as f64 / n.max(1) as f64)
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let usage = "usage: exit_distill MODEL.gguf CORPUS_DIR [THREADS]";
@@ -90,29 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         env("EVAL_FILES", 6usize),
         env("TOKENS", 384usize),
     );
-    let mut names: Vec<_> = std::fs::read_dir(&corpus)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    names.sort();
-    let mut files = Vec::new();
-    for p in names {
-        let Ok(text) = std::fs::read_to_string(&p) else {
-            continue;
-        };
-        let mut ids = loaded.tokenizer.encode(&text, false)?;
-        if ids.len() < per_file {
-            continue;
-        }
-        ids.truncate(per_file);
-        files.push(ids);
-        if files.len() == n_train + n_eval {
-            break;
-        }
-    }
-    if files.len() < n_train + n_eval {
-        return Err(format!("{corpus} has only {} usable files", files.len()).into());
-    }
+    let files = common::corpus(&loaded.tokenizer, &corpus, n_train + n_eval, per_file)?;
     let (train_files, eval_files) = files.split_at(n_train);
     let t0 = Instant::now();
     let mut train = Vec::new();

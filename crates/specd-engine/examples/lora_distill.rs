@@ -11,18 +11,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+mod common;
+use common::{agreement, env};
+
 use specd_core::{Loss, TopTarget};
 use specd_engine::lora::parse_projections;
 use specd_engine::lora_train::{LoraConfig, LoraTrainer, SeqSample};
 use specd_engine::preset::trim_draft_head;
 use specd_engine::{load_gguf, LogitsWanted, Model};
-
-fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A file's tokens with the target's top 32 at every position, and the target's argmax there.
 fn file_sample(
@@ -45,26 +41,6 @@ fn file_sample(
         },
         argmax,
     ))
-}
-
-/// Share of positions where `model`'s argmax (a token id) is the target's.
-fn agreement(
-    model: &Model,
-    files: &[Vec<u32>],
-    want: &[Vec<u32>],
-) -> Result<f64, Box<dyn std::error::Error>> {
-    let (mut hit, mut n) = (0usize, 0usize);
-    let ids = model.logit_ids().map(<[u32]>::to_vec);
-    for (tokens, want) in files.iter().zip(want) {
-        let logits = model.forward(&mut model.new_cache(), tokens, LogitsWanted::All)?;
-        let cols = logits.len() / tokens.len();
-        for (j, &w) in want.iter().enumerate() {
-            let c = specd_core::argmax(&logits[j * cols..(j + 1) * cols]);
-            hit += usize::from(ids.as_ref().map_or(c, |ids| ids[c as usize]) == w);
-            n += 1;
-        }
-    }
-    Ok(hit as f64 / n.max(1) as f64)
 }
 
 /// Milliseconds per one-token decode step after a 128-token context (median of 15).
@@ -105,29 +81,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         env("EVAL_FILES", 6usize),
         env("TOKENS", 256usize),
     );
-    let mut names: Vec<_> = std::fs::read_dir(&corpus)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    names.sort();
-    let mut files = Vec::new();
-    for p in names {
-        let Ok(text) = std::fs::read_to_string(&p) else {
-            continue;
-        };
-        let mut ids = loaded.tokenizer.encode(&text, false)?;
-        if ids.len() < per_file.max(143) {
-            continue;
-        }
-        ids.truncate(per_file.max(143));
-        files.push(ids);
-        if files.len() == n_train + n_eval {
-            break;
-        }
-    }
-    if files.len() < n_train + n_eval {
-        return Err(format!("{corpus} has only {} usable files", files.len()).into());
-    }
+    let files = common::corpus(
+        &loaded.tokenizer,
+        &corpus,
+        n_train + n_eval,
+        per_file.max(143),
+    )?;
     let (train_files, eval_files) = files.split_at(n_train);
     if std::env::var("SPEED_ONLY").is_ok() {
         // The cost of serving the adapters only (B = 0 costs what a trained B does).
@@ -155,6 +114,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .unzip();
+    let want: Vec<u32> = want.concat();
     let collect_s = t0.elapsed().as_secs_f64();
     let loss = Loss::parse(&std::env::var("LOSS").unwrap_or_else(|_| "fkl".into()))?;
     let cfg = LoraConfig {

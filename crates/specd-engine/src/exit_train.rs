@@ -19,7 +19,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use specd_core::{expected_acceptance, loss_and_grad, Loss, TopTarget};
 
 use crate::error::EngineError;
-use crate::lora_train::Frozen;
+use crate::lora_train::{rms_norm, Frozen, SmallInit};
 use crate::model::{ExitAdapter, Model};
 
 /// One training position: the exit's hidden state and the target's distribution there.
@@ -134,17 +134,8 @@ impl ExitTrainer {
         let dev = Device::Cpu;
         let (w, norm) = drafter.head_f32()?;
         let columns = w.len() / d;
-        // A deterministic small init for A (a scaled xorshift stream): B = 0 keeps the start exact.
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let scale = 1.0 / (d as f32).sqrt();
-        let a0: Vec<f32> = (0..cfg.rank * d)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect();
+        // B = 0 keeps the start exact.
+        let a0 = SmallInit::new(seed).matrix(cfg.rank, d);
         let a = Var::from_tensor(&Tensor::from_vec(a0, (cfg.rank, d), &dev).map_err(candle)?)
             .map_err(candle)?;
         let b = Var::zeros((d, cfg.rank), DType::F32, &dev).map_err(candle)?;
@@ -214,10 +205,7 @@ impl ExitTrainer {
         let flat: Vec<f32> = hidden.iter().flat_map(|h| h.iter().copied()).collect();
         let h = Tensor::from_vec(flat, (n, self.hidden), &Device::Cpu)?;
         let u = (&h + h.matmul(&a.t()?)?.matmul(&b.t()?)?)?;
-        let ms = u.sqr()?.mean_keepdim(1)?;
-        let normed = u.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        let normed = normed.broadcast_mul(&self.norm)?;
-        self.head.apply(&normed)
+        self.head.apply(&rms_norm(&u, &self.norm, self.eps)?)
     }
 
     /// One optimizer step on `batch`; the mean loss before the step.

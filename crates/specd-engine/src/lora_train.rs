@@ -31,7 +31,7 @@ use crate::config::RopeStyle;
 use crate::error::EngineError;
 use crate::exit_train::{candle, HeadColumns};
 use crate::lora::{LoraAdapter, LoraPair, PROJECTIONS};
-use crate::model::{Model, Weights};
+use crate::model::{Model, RopeRows, Weights};
 use crate::qweight::QWeight;
 
 /// One training sequence: its tokens, and the target's distribution at some of its positions.
@@ -147,6 +147,36 @@ impl CustomOp1 for Frozen {
     }
 }
 
+/// The trainers' deterministic small initialisation of an adapter's `A` (a scaled xorshift stream, so a
+/// seed gives the same adapter on every machine).
+pub(crate) struct SmallInit(u64);
+
+impl SmallInit {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next `rows x cols` values, uniform in +-1/sqrt(cols).
+    pub(crate) fn matrix(&mut self, rows: usize, cols: usize) -> Vec<f32> {
+        let scale = 1.0 / (cols as f32).sqrt();
+        (0..rows * cols)
+            .map(|_| {
+                let s = &mut self.0;
+                *s ^= *s << 13;
+                *s ^= *s >> 7;
+                *s ^= *s << 17;
+                ((*s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect()
+    }
+}
+
+/// RMS norm of every row of `x` (`rows x hidden`) times `w`, as a graph.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
 /// A whole matrix dequantized to f32 (`rows x cols`).
 fn dequantized(w: &QWeight) -> Result<Tensor, EngineError> {
     let (n, k) = (w.rows(), w.cols());
@@ -224,23 +254,14 @@ impl LoraTrainer {
             drafter,
             Tensor::from_vec(head, (columns, d), &dev).map_err(candle)?,
         );
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut init = SmallInit::new(seed);
         let mut vars = Vec::new();
         for li in 0..n_layers {
             for &p in &cfg.targets {
                 let w = weights.layers[li].matrices()[p].1;
                 let (out, inp) = (w.rows(), w.cols());
-                // A deterministic small init for A (a scaled xorshift stream); B = 0 keeps the start
-                // exact.
-                let scale = 1.0 / (inp as f32).sqrt();
-                let a0: Vec<f32> = (0..cfg.rank * inp)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-                    })
-                    .collect();
+                // B = 0 keeps the start exact.
+                let a0 = init.matrix(cfg.rank, inp);
                 let a =
                     Var::from_tensor(&Tensor::from_vec(a0, (cfg.rank, inp), &dev).map_err(candle)?)
                         .map_err(candle)?;
@@ -326,20 +347,10 @@ impl LoraTrainer {
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
         let mut x = Tensor::from_vec(x0, (t, d), &dev)?;
-        // RoPE tables as the engine computes them (f64 angles), and the causal mask.
-        let inv: Vec<f64> = (0..half)
-            .map(|i| 1.0 / f64::from(cfg.rope_theta).powf(2.0 * i as f64 / hd as f64))
-            .collect();
-        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
-        for p in 0..t {
-            for f in &inv {
-                let a = p as f64 * f;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        let cos = Tensor::from_vec(cos, (1, t, half), &dev)?;
-        let sin = Tensor::from_vec(sin, (1, t, half), &dev)?;
+        // The engine's own RoPE tables, and the causal mask.
+        let tables = RopeRows::new(cfg, 0..t);
+        let cos = Tensor::from_vec(tables.cos, (1, t, half), &dev)?;
+        let sin = Tensor::from_vec(tables.sin, (1, t, half), &dev)?;
         let mask: Vec<f32> = (0..t * t)
             .map(|i| if i % t > i / t { -1e30 } else { 0.0 })
             .collect();
@@ -368,10 +379,7 @@ impl LoraTrainer {
             }
         };
         let eps = f64::from(cfg.rms_eps);
-        let rms = |x: &Tensor, w: &Tensor| -> candle_core::Result<Tensor> {
-            let ms = x.sqr()?.mean_keepdim(1)?;
-            x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-        };
+        let rms = |x: &Tensor, w: &Tensor| rms_norm(x, w, eps);
         let per = targets.len();
         for (li, layer) in self.layers[..cfg.layers].iter().enumerate() {
             let proj = |p: usize, x: &Tensor| -> candle_core::Result<Tensor> {

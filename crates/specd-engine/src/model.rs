@@ -703,15 +703,16 @@ fn attention(
     out
 }
 
-/// Cosines and sines of every row's position, computed once per forward and shared by all layers.
-struct RopeRows {
+/// Cosines and sines of every row's position, computed once per forward and shared by all layers
+/// (`rows x head_dim / 2` each; the LoRA trainer's graph uses the same tables).
+pub(crate) struct RopeRows {
     half: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
 }
 
 impl RopeRows {
-    fn new(cfg: &ModelConfig, positions: impl Iterator<Item = usize>) -> Self {
+    pub(crate) fn new(cfg: &ModelConfig, positions: impl Iterator<Item = usize>) -> Self {
         let half = cfg.head_dim / 2;
         let inv: Vec<f64> = (0..half)
             .map(|i| 1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.head_dim as f64))
