@@ -33,7 +33,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::EngineError;
-use crate::kernels::{self, MultiRow, Q4KVnni};
+use crate::kernels::{self, GroupRows, MultiRow, GROUP, Q4KX16, Q6KX16};
 
 /// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
 const COLS_PER_TASK: usize = 64;
@@ -54,8 +54,11 @@ pub enum QData {
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
     Q4K(Vec<BlockQ4K>),
-    /// Q4_K with its nibbles in the AVX-512 VNNI kernel's order (chosen at load on CPUs that have it).
-    Q4KVnni(Vec<Q4KVnni>),
+    /// Q4_K in column groups of sixteen ([`Q4KX16`]; group `g`'s blocks along k at `g * k / 256..`), chosen at
+    /// load on CPUs with AVX-512 VNNI.
+    Q4KX16(Vec<Q4KX16>),
+    /// Q6_K in column groups of sixteen ([`Q6KX16`]), chosen at load on CPUs with AVX-512 VNNI.
+    Q6KX16(Vec<Q6KX16>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
 }
@@ -175,14 +178,18 @@ impl QWeight {
             GgmlDType::Q8_0 => QData::Q8_0(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q2K => QData::Q2K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q3K => QData::Q3K(blocks_from_bytes(bytes, count)?),
-            GgmlDType::Q4K if kernels::vnni() => QData::Q4KVnni(
-                blocks_from_bytes::<BlockQ4K>(bytes, count)?
-                    .iter()
-                    .map(Q4KVnni::from_block)
-                    .collect(),
-            ),
+            GgmlDType::Q4K if kernels::vnni() => QData::Q4KX16(interleave(
+                &blocks_from_bytes::<BlockQ4K>(bytes, count)?,
+                n,
+                k / 256,
+            )),
             GgmlDType::Q4K => QData::Q4K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q5K => QData::Q5K(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q6K if kernels::vnni() => QData::Q6KX16(interleave(
+                &blocks_from_bytes::<BlockQ6K>(bytes, count)?,
+                n,
+                k / 256,
+            )),
             GgmlDType::Q6K => QData::Q6K(blocks_from_bytes(bytes, count)?),
             other => {
                 return Err(EngineError::BadModel(format!(
@@ -219,7 +226,8 @@ impl QWeight {
             QData::Q2K(v) => b(v),
             QData::Q3K(v) => b(v),
             QData::Q4K(v) => b(v),
-            QData::Q4KVnni(v) => b(v),
+            QData::Q4KX16(v) => b(v),
+            QData::Q6KX16(v) => b(v),
             QData::Q5K(v) => b(v),
             QData::Q6K(v) => b(v),
         }
@@ -237,9 +245,9 @@ impl QWeight {
             QData::Q8_0(_) => "q8_0",
             QData::Q2K(_) => "q2_k",
             QData::Q3K(_) => "q3_k",
-            QData::Q4K(_) | QData::Q4KVnni(_) => "q4_k",
+            QData::Q4K(_) | QData::Q4KX16(_) => "q4_k",
             QData::Q5K(_) => "q5_k",
-            QData::Q6K(_) => "q6_k",
+            QData::Q6K(_) | QData::Q6KX16(_) => "q6_k",
         }
     }
 
@@ -266,14 +274,8 @@ impl QWeight {
             QData::Q2K(v) => deq(v, row, self.k, out),
             QData::Q3K(v) => deq(v, row, self.k, out),
             QData::Q4K(v) => deq(v, row, self.k, out),
-            QData::Q4KVnni(v) => {
-                let per_row = self.k / 256;
-                let blocks: Vec<BlockQ4K> = v[row * per_row..(row + 1) * per_row]
-                    .iter()
-                    .map(Q4KVnni::to_block)
-                    .collect();
-                deq(&blocks, 0, self.k, out)
-            }
+            QData::Q4KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
+            QData::Q6KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
             QData::Q5K(v) => deq(v, row, self.k, out),
             QData::Q6K(v) => deq(v, row, self.k, out),
         }
@@ -298,7 +300,8 @@ impl QWeight {
             QData::Q3K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q4K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q4K(w) => matmul_blocks(w, self.n, self.k, x, m),
-            QData::Q4KVnni(w) => matmul_multi(w, self.n, self.k, x, m),
+            QData::Q4KX16(w) => matmul_groups(w, self.n, self.k, x, m),
+            QData::Q6KX16(w) => matmul_groups(w, self.n, self.k, x, m),
             QData::Q5K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q6K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q6K(w) => matmul_blocks(w, self.n, self.k, x, m),
@@ -331,7 +334,8 @@ impl QWeight {
             QData::Q2K(v) => QData::Q2K(sel(v, k / 256, keep)),
             QData::Q3K(v) => QData::Q3K(sel(v, k / 256, keep)),
             QData::Q4K(v) => QData::Q4K(sel(v, k / 256, keep)),
-            QData::Q4KVnni(v) => QData::Q4KVnni(sel(v, k / 256, keep)),
+            QData::Q4KX16(v) => QData::Q4KX16(select_columns(v, k / 256, keep)),
+            QData::Q6KX16(v) => QData::Q6KX16(select_columns(v, k / 256, keep)),
             QData::Q5K(v) => QData::Q5K(sel(v, k / 256, keep)),
             QData::Q6K(v) => QData::Q6K(sel(v, k / 256, keep)),
         };
@@ -445,6 +449,76 @@ fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -
                     // SAFETY: `out` holds n * m values and outlives the parallel loop; task `i` is the only
                     // writer of columns c0..c0 + cols, so no two writes alias.
                     unsafe { *dst.at(r * n + c0 + c) = col[r] };
+                }
+            }
+        });
+    out
+}
+
+/// `blocks` (n rows of kb blocks, ggml order) in column groups of sixteen, the last padded with zeros.
+fn interleave<T: GroupRows>(blocks: &[T::Block], n: usize, kb: usize) -> Vec<T> {
+    (0..n.div_ceil(GROUP))
+        .flat_map(|g| {
+            let cols = g * GROUP..n.min((g + 1) * GROUP);
+            (0..kb).map(move |b| {
+                let group: Vec<&T::Block> = cols.clone().map(|c| &blocks[c * kb + b]).collect();
+                T::from_blocks(&group)
+            })
+        })
+        .collect()
+}
+
+/// Column `col`'s kb blocks back in ggml's layout.
+fn group_column<T: GroupRows>(v: &[T], kb: usize, col: usize) -> Vec<T::Block> {
+    let (g, c) = (col / GROUP, col % GROUP);
+    v[g * kb..(g + 1) * kb]
+        .iter()
+        .map(|x| x.column(c))
+        .collect()
+}
+
+/// The columns in `keep` (in that order), regrouped.
+fn select_columns<T: GroupRows>(v: &[T], kb: usize, keep: &[u32]) -> Vec<T> {
+    let cols: Vec<T::Block> = keep
+        .iter()
+        .flat_map(|&r| group_column(v, kb, r as usize))
+        .collect();
+    interleave(&cols, keep.len(), kb)
+}
+
+/// Column-group kernel path: each task takes a few groups of sixteen columns and runs every row
+/// through them in tiles, up to eight rows per weight decode; each row's sixteen outputs land in the
+/// output directly. Per row, the arithmetic is the same whatever m is.
+fn matmul_groups<T: GroupRows>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    /// Groups per parallel task (64 columns, as `COLS_PER_TASK`).
+    const GROUPS_PER_TASK: usize = COLS_PER_TASK / GROUP;
+    let kb = k / T::BLOCK;
+    let mut out = vec![0f32; n * m];
+    if kb == 0 || m == 0 {
+        return out;
+    }
+    let mut xq = quantize_rows::<T::Act>(x, m, k);
+    xq.chunks_exact_mut(kb).for_each(T::prepare);
+    let rows: Vec<&[T::Act]> = xq.chunks_exact(kb).collect();
+    let groups = n.div_ceil(GROUP);
+    let dst = Disjoint(out.as_mut_ptr());
+    (0..groups.div_ceil(GROUPS_PER_TASK))
+        .into_par_iter()
+        .for_each(|task| {
+            let mut tile = [[0f32; GROUP]; ROW_TILE];
+            for t0 in (0..m).step_by(ROW_TILE) {
+                let t1 = m.min(t0 + ROW_TILE);
+                for g in task * GROUPS_PER_TASK..groups.min((task + 1) * GROUPS_PER_TASK) {
+                    let tile = &mut tile[..t1 - t0];
+                    T::dot_group(&w[g * kb..(g + 1) * kb], &rows[t0..t1], tile);
+                    let (c0, cols) = (g * GROUP, GROUP.min(n - g * GROUP));
+                    for (r, vals) in (t0..t1).zip(tile.iter()) {
+                        // SAFETY: `out` holds n * m values and outlives the parallel loop; group g
+                        // belongs to this task alone, so no two writes alias.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(vals.as_ptr(), dst.at(r * n + c0), cols)
+                        };
+                    }
                 }
             }
         });

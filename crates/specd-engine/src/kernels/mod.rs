@@ -1,5 +1,6 @@
 //! Multi-row quantized dot-product kernels (x86-64 AVX2 + FMA, and AVX-512 VNNI where the CPU has it):
-//! one weight column against up to R activation rows, decoding each weight block once for all of them.
+//! one weight column (a group of sixteen for the AVX-512 VNNI K-quant kernels) against up to R activation
+//! rows, decoding each weight block once for all of them.
 //!
 //! **Batch invariance** is the property every kernel here keeps: every row has its own accumulators and
 //! sees the same sequence of integer and floating-point operations whatever R is, so a row's result is
@@ -16,13 +17,13 @@
 //! the same integer sums with AVX2 and then the same f32 operations in the same order, so it is bitwise
 //! equal too.
 //!
-//! The AVX-512 VNNI kernels (Q4_K, Q6_K: nearly all of the Qwen pair's weights) are built for the extra
-//! rows of a verify step, where the work is multiplies rather than memory: `vpdpbusd` sums four u8 x i8
-//! products per lane in one instruction, and Q4_K weights are stored with their nibbles reordered at load
-//! ([`Q4KVnni`]) so that each lane accumulates one sub-block and the scale is applied once per block.
-//! Their integer sums are exact but fall into different lanes than candle's, so their results differ
-//! from candle's in the last float bits (within float rounding; the tests check the bound and the row
-//! invariance). `SPECD_NO_AVX512=1` selects the AVX2 kernels.
+//! On AVX-512 VNNI CPUs the K-quants (Q4_K, Q6_K: nearly all of the Qwen pair's weights) are stored in
+//! column groups of sixteen and multiplied by the kernels of `interleaved.rs` ([`GroupRows`]): one
+//! `vpdpbusd` covers four weights of sixteen columns, scales are applied per lane for sixteen columns at
+//! once and there are no horizontal sums, so the extra rows of a verify step or a prefill cost about
+//! half of what a one-column kernel paid. Their integer sums are exact but fall into different lanes
+//! than candle's, so their results differ from candle's in the last float bits (within float rounding;
+//! the tests check the bound and the row invariance). `SPECD_NO_AVX512=1` selects the AVX2 kernels.
 //!
 //! The 32-value block formats get AVX-512 VNNI kernels too (`vnni.rs`): Q8_0 and Q5_0 (the Qwen 0.5B
 //! draft model's, whose hidden size 896 is not a multiple of 256) and Q4_1 (SmolLM2's). Two blocks per
@@ -34,17 +35,18 @@
 //! horizontal sum per block); here about 8 to 10. Measured (AVX-512 VNNI machine, 2 threads, `specd
 //! bench-kernels`): Qwen 0.5B one-row forward 65 -> 29 ms, SmolLM2 31 -> 14 ms.
 //!
-//! The K-quant kernels prefetch the weight stream a few KiB ahead of the block being decoded (the matrix
-//! is one contiguous stream per task), so the next weights arrive while the rows are multiplied: this
-//! took the Qwen 1.5B one-row forward from about 29 to 27 ms and a 4-row verify from 58 to 47 ms on this
-//! project's 2-core machine. `SPECD_PREFETCH=<bytes>` changes the distance (0 turns it off). The AVX2
+//! The AVX2 K-quant kernels prefetch the weight stream a few KiB ahead of the block being decoded (the matrix
+//! is one contiguous stream per task), so the next weights arrive while the rows are multiplied: on the
+//! one-column VNNI K-quant kernels the column groups replaced, this took the Qwen 1.5B one-row forward
+//! from about 29 to 27 ms and a 4-row verify from 58 to 47 ms on this project's 2-core machine. `SPECD_PREFETCH=<bytes>` changes the distance (0 turns it off). The AVX2
 //! Q8_0, Q5_0 and Q4_1 kernels do not: their blocks are small and the same prefetch made the Qwen 0.5B
 //! forward slower, 18 -> 22 ms, on an AVX2 machine. The VNNI ones do, once per block pair: without it
 //! the 0.5B's one-row forward took 40 ms instead of 29.
 //!
-//! This module holds the trait, the dispatch by row count, the block layout mirrors and the shared
-//! helpers; `avx2.rs` the AVX2 kernels, `vnni.rs` the AVX-512 VNNI kernels and the layouts they read,
-//! `tests.rs` the checks against candle.
+//! This module holds the traits, the dispatch by row count, the block layout mirrors and the shared
+//! helpers; `avx2.rs` the AVX2 kernels, `vnni.rs` the one-column AVX-512 VNNI kernels (32-value
+//! blocks) and the layout they read, `interleaved.rs` the column-group layouts and kernels, `tests.rs`
+//! the checks against candle.
 //!
 //! Only the formats of the project's model files get a kernel (Q4_K, Q6_K, Q8_0, Q5_0 and Q4_1,
 //! SmolLM2's); `qweight.rs` falls back to candle's `vec_dot` for the others and
@@ -120,8 +122,8 @@ const _: () = assert!(std::mem::align_of::<Q6K>() == std::mem::align_of::<BlockQ
 const _: () = assert!(std::mem::align_of::<Q8K>() == std::mem::align_of::<BlockQ8K>());
 const _: () = assert!(std::mem::align_of::<Q80>() == std::mem::align_of::<BlockQ8_0>());
 
-/// Whether the AVX-512 VNNI kernels (Q4_K, Q6_K) are used on this CPU (checked once; `SPECD_NO_AVX512`
-/// turns them off). Q4_K weights are loaded in [`Q4KVnni`] order when this is true.
+/// Whether the AVX-512 VNNI kernels are used on this CPU (checked once; `SPECD_NO_AVX512` turns them
+/// off). Q4_K and Q6_K weights are loaded in column groups ([`GroupRows`]) when this is true.
 pub fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -201,6 +203,28 @@ macro_rules! dispatch_rows {
     }};
 }
 
+/// `vpdpbusd` written out: LLVM rewrites the intrinsic into `vpmaddubsw` + `vpmaddwd` when it can prove
+/// the unsigned operand small (our 4- and 6-bit weights), which is the two-multiply sequence this kernel
+/// exists to avoid.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dpbusd {
+    ($acc:expr, $u8s:expr, $i8s:expr) => {{
+        let mut acc: __m512i = $acc;
+        let (u, i): (__m512i, __m512i) = ($u8s, $i8s);
+        // SAFETY: register-only AVX-512 VNNI instruction; callers are compiled with avx512vnni.
+        unsafe {
+            std::arch::asm!(
+                "vpdpbusd {acc}, {u}, {i}",
+                acc = inout(zmm_reg) acc,
+                u = in(zmm_reg) u,
+                i = in(zmm_reg) i,
+                options(pure, nomem, nostack, preserves_flags)
+            )
+        };
+        acc
+    }};
+}
+
 fn cast_mut<A, B>(s: &mut [A]) -> &mut [B] {
     debug_assert_eq!(std::mem::size_of::<A>(), std::mem::size_of::<B>());
     // SAFETY: as `cast`; every bit pattern is valid for these plain-old-data blocks.
@@ -237,18 +261,7 @@ impl MultiRow for BlockQ6K {
     const BLOCK: usize = 256;
     type Act = BlockQ8K;
     fn dot_rows(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [f32]) {
-        if vnni() {
-            dispatch_rows!(
-                q6k_rows_vnni,
-                Q8K,
-                cast::<_, Q6K>(w),
-                ys,
-                out,
-                [1, 2, 3, 4, 5, 6, 7, 8]
-            )
-        } else {
-            dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(w), ys, out, [1, 2, 3, 4])
-        }
+        dispatch_rows!(q6k_rows, Q8K, cast::<_, Q6K>(w), ys, out, [1, 2, 3, 4])
     }
 }
 
@@ -330,11 +343,13 @@ use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod interleaved;
+#[cfg(target_arch = "x86_64")]
 mod vnni;
 #[cfg(target_arch = "x86_64")]
 use avx2::*;
 #[cfg(target_arch = "x86_64")]
-pub use vnni::Q4KVnni;
+pub use interleaved::{GroupRows, GROUP, Q4KX16, Q6KX16};
 #[cfg(target_arch = "x86_64")]
 use vnni::*;
 

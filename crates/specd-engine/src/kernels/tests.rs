@@ -105,39 +105,6 @@ where
     }
 }
 
-#[test]
-fn q4k_vnni_order_round_trips_and_kernel_is_row_invariant() {
-    let k = 1024;
-    let w: Vec<BlockQ4K> = blocks(GgmlDType::Q4K, 1, k, 5);
-    let v: Vec<Q4KVnni> = w.iter().map(Q4KVnni::from_block).collect();
-    let back: Vec<BlockQ4K> = v.iter().map(Q4KVnni::to_block).collect();
-    let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
-    BlockQ4K::to_float(&w, &mut a);
-    BlockQ4K::to_float(&back, &mut b);
-    assert_eq!(a, b);
-    let mut seen = [false; 256];
-    for &i in Q4K_VNNI_ORDER.iter() {
-        assert!(!seen[i as usize], "position {i} twice");
-        seen[i as usize] = true;
-    }
-    if !vnni() {
-        eprintln!("SKIP kernel: no AVX-512 VNNI");
-        return;
-    }
-    check_invariant_and_close(&v, &w, k);
-}
-
-#[test]
-fn q6k_vnni_kernel_is_row_invariant_and_close_to_candle() {
-    if !vnni() {
-        eprintln!("SKIP: no AVX-512 VNNI");
-        return;
-    }
-    let k = 1024;
-    let w: Vec<BlockQ6K> = blocks(GgmlDType::Q6K, 1, k, 6);
-    check_invariant_and_close(&w, &w, k);
-}
-
 /// The AVX2 kernels directly, whatever `vnni()` says, so both paths are covered on any machine.
 #[test]
 fn avx2_kernels_match_candle_bitwise() {
@@ -199,10 +166,6 @@ fn q4k_matches_candle_bitwise_for_any_row_count() {
 
 #[test]
 fn q6k_matches_candle_bitwise_for_any_row_count() {
-    if vnni() {
-        eprintln!("SKIP: the VNNI kernel is checked by q6k_vnni_kernel_is_row_invariant_*");
-        return;
-    }
     check::<BlockQ6K>(GgmlDType::Q6K);
 }
 
@@ -339,4 +302,94 @@ fn avx2_q4_1_kernel_matches_candle_bitwise() {
             );
         }
     }
+}
+
+/// A column-group layout: every column converts back exactly, and the kernel is bitwise row-invariant
+/// (1..=11 rows) and within float rounding of candle's `vec_dot` on the ggml blocks. 21 columns: one full
+/// group and one padded with zero columns.
+fn check_groups<T, B, A>(dtype: GgmlDType, seed: u64)
+where
+    T: GroupRows<Block = B, Act = A>,
+    B: GgmlType<VecDotType = A> + Clone,
+    A: GgmlType + Clone + Sync,
+{
+    let (n, k) = (21, 1024);
+    let kb = k / T::BLOCK;
+    let w: Vec<T::Block> = blocks(dtype, n, k, seed);
+    let groups: Vec<Vec<T>> = (0..n.div_ceil(GROUP))
+        .map(|g| {
+            (0..kb)
+                .map(|b| {
+                    let cols: Vec<&T::Block> = (g * GROUP..n.min((g + 1) * GROUP))
+                        .map(|c| &w[c * kb + b])
+                        .collect();
+                    T::from_blocks(&cols)
+                })
+                .collect()
+        })
+        .collect();
+    for c in 0..n {
+        let back: Vec<T::Block> = groups[c / GROUP]
+            .iter()
+            .map(|x| x.column(c % GROUP))
+            .collect();
+        let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
+        T::Block::to_float(&w[c * kb..(c + 1) * kb], &mut a);
+        T::Block::to_float(&back, &mut b);
+        assert_eq!(a, b, "{dtype:?} column {c}");
+    }
+    if !vnni() {
+        eprintln!("SKIP kernel: no AVX-512 VNNI");
+        return;
+    }
+    let raw: Vec<Vec<T::Act>> = acts(11, k, 400 + seed);
+    let mut a = raw.clone();
+    a.iter_mut().for_each(|row| T::prepare(row));
+    let run = |group: &[T], rows: &[Vec<T::Act>]| {
+        let ys: Vec<&[T::Act]> = rows.iter().map(|r| r.as_slice()).collect();
+        let mut out = vec![[0f32; GROUP]; rows.len()];
+        T::dot_group(group, &ys, &mut out);
+        out
+    };
+    for (g, group) in groups.iter().enumerate() {
+        let alone: Vec<[f32; GROUP]> = a
+            .iter()
+            .map(|row| run(group, std::slice::from_ref(row))[0])
+            .collect();
+        for rows in 1..=a.len() {
+            for (r, got) in run(group, &a[..rows]).iter().enumerate() {
+                let same = got
+                    .iter()
+                    .zip(&alone[r])
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{dtype:?} group {g} rows={rows} r={r}");
+            }
+        }
+        for (c, col) in (g * GROUP..n.min((g + 1) * GROUP)).enumerate() {
+            let reference = &w[col * kb..(col + 1) * kb];
+            let mut wf = vec![0f32; k];
+            T::Block::to_float(reference, &mut wf);
+            for (r, y) in raw.iter().enumerate() {
+                let mut yf = vec![0f32; k];
+                T::Act::to_float(y, &mut yf);
+                let magnitude: f32 = wf.iter().zip(&yf).map(|(x, y)| (x * y).abs()).sum();
+                let want = T::Block::vec_dot(k, reference, y);
+                let got = alone[r][c];
+                assert!(
+                    (got - want).abs() <= 1e-5 * magnitude,
+                    "{dtype:?} column {col} r={r}: {got} vs candle {want} (magnitude {magnitude})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q4k_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
+    check_groups::<Q4KX16, _, _>(GgmlDType::Q4K, 7);
+}
+
+#[test]
+fn q6k_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
+    check_groups::<Q6KX16, _, _>(GgmlDType::Q6K, 8);
 }
