@@ -33,7 +33,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::EngineError;
-use crate::kernels::{self, GroupRows, MultiRow, GROUP, Q4KX16, Q6KX16};
+use crate::kernels::{self, GroupRows, MultiRow, GROUP, Q4KX16, Q4_1X16, Q6KX16, Q8_0X16};
 
 /// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
 const COLS_PER_TASK: usize = 64;
@@ -59,6 +59,11 @@ pub enum QData {
     Q4KX16(Vec<Q4KX16>),
     /// Q6_K in column groups of sixteen ([`Q6KX16`]), chosen at load on CPUs with AVX-512 VNNI.
     Q6KX16(Vec<Q6KX16>),
+    /// Q8_0 in column groups of sixteen, two blocks per unit ([`Q8_0X16`]; AVX-512 VNNI CPUs, rows of
+    /// an even block count).
+    Q8_0X16(Vec<Q8_0X16>),
+    /// Q4_1 in column groups of sixteen ([`Q4_1X16`]; AVX-512 VNNI CPUs).
+    Q4_1X16(Vec<Q4_1X16>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
 }
@@ -169,12 +174,18 @@ impl QWeight {
             }
             GgmlDType::F16 => QData::F16(blocks_from_bytes::<f16>(bytes, count)?),
             GgmlDType::Q4_0 => QData::Q4_0(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q4_1 if kernels::vnni() => {
+                QData::Q4_1X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
+            }
             GgmlDType::Q4_1 => QData::Q4_1(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q5_0 if kernels::available() => {
                 QData::Q5_0(blocks_from_bytes(bytes, count)?)
             }
             GgmlDType::Q5_0 => QData::Q8_0(q5_0_bytes_to_q8_0(bytes, count)?),
             GgmlDType::Q5_1 => QData::Q5_1(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q8_0 if kernels::vnni() && (k / 32).is_multiple_of(2) => {
+                QData::Q8_0X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
+            }
             GgmlDType::Q8_0 => QData::Q8_0(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q2K => QData::Q2K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q3K => QData::Q3K(blocks_from_bytes(bytes, count)?),
@@ -228,6 +239,8 @@ impl QWeight {
             QData::Q4K(v) => b(v),
             QData::Q4KX16(v) => b(v),
             QData::Q6KX16(v) => b(v),
+            QData::Q8_0X16(v) => b(v),
+            QData::Q4_1X16(v) => b(v),
             QData::Q5K(v) => b(v),
             QData::Q6K(v) => b(v),
         }
@@ -239,10 +252,10 @@ impl QWeight {
             QData::F32(_) => "f32",
             QData::F16(_) => "f16",
             QData::Q4_0(_) => "q4_0",
-            QData::Q4_1(_) => "q4_1",
+            QData::Q4_1(_) | QData::Q4_1X16(_) => "q4_1",
             QData::Q5_0(_) => "q5_0",
             QData::Q5_1(_) => "q5_1",
-            QData::Q8_0(_) => "q8_0",
+            QData::Q8_0(_) | QData::Q8_0X16(_) => "q8_0",
             QData::Q2K(_) => "q2_k",
             QData::Q3K(_) => "q3_k",
             QData::Q4K(_) | QData::Q4KX16(_) => "q4_k",
@@ -276,6 +289,8 @@ impl QWeight {
             QData::Q4K(v) => deq(v, row, self.k, out),
             QData::Q4KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
             QData::Q6KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
+            QData::Q8_0X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
+            QData::Q4_1X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
             QData::Q5K(v) => deq(v, row, self.k, out),
             QData::Q6K(v) => deq(v, row, self.k, out),
         }
@@ -302,6 +317,8 @@ impl QWeight {
             QData::Q4K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q4KX16(w) => matmul_groups(w, self.n, self.k, x, m),
             QData::Q6KX16(w) => matmul_groups(w, self.n, self.k, x, m),
+            QData::Q8_0X16(w) => matmul_groups(w, self.n, self.k, x, m),
+            QData::Q4_1X16(w) => matmul_groups(w, self.n, self.k, x, m),
             QData::Q5K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q6K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q6K(w) => matmul_blocks(w, self.n, self.k, x, m),
@@ -336,6 +353,8 @@ impl QWeight {
             QData::Q4K(v) => QData::Q4K(sel(v, k / 256, keep)),
             QData::Q4KX16(v) => QData::Q4KX16(select_columns(v, k / 256, keep)),
             QData::Q6KX16(v) => QData::Q6KX16(select_columns(v, k / 256, keep)),
+            QData::Q8_0X16(v) => QData::Q8_0X16(select_columns(v, k / 32, keep)),
+            QData::Q4_1X16(v) => QData::Q4_1X16(select_columns(v, k / 32, keep)),
             QData::Q5K(v) => QData::Q5K(sel(v, k / 256, keep)),
             QData::Q6K(v) => QData::Q6K(sel(v, k / 256, keep)),
         };
@@ -455,25 +474,30 @@ fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -
     out
 }
 
-/// `blocks` (n rows of kb blocks, ggml order) in column groups of sixteen, the last padded with zeros.
+/// `blocks` (n rows of kb ggml blocks, kb a multiple of `T::UNIT`) in column groups of sixteen, the last
+/// padded with zeros.
 fn interleave<T: GroupRows>(blocks: &[T::Block], n: usize, kb: usize) -> Vec<T> {
+    let units = kb / T::UNIT;
     (0..n.div_ceil(GROUP))
         .flat_map(|g| {
             let cols = g * GROUP..n.min((g + 1) * GROUP);
-            (0..kb).map(move |b| {
-                let group: Vec<&T::Block> = cols.clone().map(|c| &blocks[c * kb + b]).collect();
+            (0..units).map(move |u| {
+                let group: Vec<&[T::Block]> = cols
+                    .clone()
+                    .map(|c| &blocks[c * kb + u * T::UNIT..c * kb + (u + 1) * T::UNIT])
+                    .collect();
                 T::from_blocks(&group)
             })
         })
         .collect()
 }
 
-/// Column `col`'s kb blocks back in ggml's layout.
+/// Column `col`'s kb ggml blocks back in ggml's layout.
 fn group_column<T: GroupRows>(v: &[T], kb: usize, col: usize) -> Vec<T::Block> {
-    let (g, c) = (col / GROUP, col % GROUP);
-    v[g * kb..(g + 1) * kb]
+    let (g, c, units) = (col / GROUP, col % GROUP, kb / T::UNIT);
+    v[g * units..(g + 1) * units]
         .iter()
-        .map(|x| x.column(c))
+        .flat_map(|x| x.column(c))
         .collect()
 }
 
@@ -492,7 +516,9 @@ fn select_columns<T: GroupRows>(v: &[T], kb: usize, keep: &[u32]) -> Vec<T> {
 fn matmul_groups<T: GroupRows>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     /// Groups per parallel task (64 columns, as `COLS_PER_TASK`).
     const GROUPS_PER_TASK: usize = COLS_PER_TASK / GROUP;
-    let kb = k / T::BLOCK;
+    // Activation blocks per row, and the weights' units per group along k.
+    let kb = k / <T::Act as GgmlType>::BLCK_SIZE;
+    let units = kb / T::UNIT;
     let mut out = vec![0f32; n * m];
     if kb == 0 || m == 0 {
         return out;
@@ -510,7 +536,7 @@ fn matmul_groups<T: GroupRows>(w: &[T], n: usize, k: usize, x: &[f32], m: usize)
                 let t1 = m.min(t0 + ROW_TILE);
                 for g in task * GROUPS_PER_TASK..groups.min((task + 1) * GROUPS_PER_TASK) {
                     let tile = &mut tile[..t1 - t0];
-                    T::dot_group(&w[g * kb..(g + 1) * kb], &rows[t0..t1], tile);
+                    T::dot_group(&w[g * units..(g + 1) * units], &rows[t0..t1], tile);
                     let (c0, cols) = (g * GROUP, GROUP.min(n - g * GROUP));
                     for (r, vals) in (t0..t1).zip(tile.iter()) {
                         // SAFETY: `out` holds n * m values and outlives the parallel loop; group g
@@ -643,18 +669,30 @@ pub(crate) mod tests {
 
     #[test]
     fn matmul_matches_dequantized_reference() {
-        let (n, k) = (33, 256);
-        let (w, deq) = quantized(GgmlDType::Q8_0, n, k);
-        let x = random(2 * k, 11);
-        let y = w.matmul(&x, 2);
-        for r in 0..2 {
-            for c in 0..n {
-                let want: f32 = (0..k).map(|i| x[r * k + i] * deq[c * k + i]).sum();
-                assert!(
-                    (y[r * n + c] - want).abs() < 0.05,
-                    "{} vs {want}",
-                    y[r * n + c]
-                );
+        // Every format with a kernel, 33 columns (two groups and a padded one), row lengths that are
+        // not a power of two (SmolLM2's 576 and a third of it, Qwen's 1536).
+        for (dtype, k) in [
+            (GgmlDType::Q8_0, 576),
+            (GgmlDType::Q8_0, 192),
+            (GgmlDType::Q4_1, 576),
+            (GgmlDType::Q4_1, 192),
+            (GgmlDType::Q5_0, 576),
+            (GgmlDType::Q4K, 1536),
+            (GgmlDType::Q6K, 1536),
+        ] {
+            let n = 33;
+            let (w, deq) = quantized(dtype, n, k);
+            let x = random(3 * k, 11);
+            let y = w.matmul(&x, 3);
+            for r in 0..3 {
+                for c in 0..n {
+                    let want: f32 = (0..k).map(|i| x[r * k + i] * deq[c * k + i]).sum();
+                    assert!(
+                        (y[r * n + c] - want).abs() < 0.05 * (k as f32 / 256.0).sqrt(),
+                        "{dtype:?} k={k} row {r} column {c}: {} vs {want}",
+                        y[r * n + c]
+                    );
+                }
             }
         }
     }

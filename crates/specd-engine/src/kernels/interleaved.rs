@@ -142,31 +142,31 @@ impl Q4KX16 {
 
 /// A weight format laid out in column groups, with a kernel over up to eight rows per group.
 pub trait GroupRows: Sized + Sync {
-    /// Weights per block (along k).
-    const BLOCK: usize;
+    /// ggml blocks per unit along k (one, or two where one block is too small for aligned vectors).
+    const UNIT: usize = 1;
     /// The ggml block it is made of.
     type Block: GgmlType + Clone;
-    /// Interleaves one block of up to sixteen columns (missing columns are zero).
-    fn from_blocks(cols: &[&Self::Block]) -> Self;
-    /// Column `c`'s block in ggml's layout (exact).
-    fn column(&self, c: usize) -> Self::Block;
+    /// Interleaves one unit of up to sixteen columns (`UNIT` blocks each; missing columns are zero).
+    fn from_blocks(cols: &[&[Self::Block]]) -> Self;
+    /// Column `c`'s `UNIT` blocks in ggml's layout (exact).
+    fn column(&self, c: usize) -> Vec<Self::Block>;
     /// The quantized activation block it multiplies with.
     type Act: GgmlType + Sync;
     /// Rewrites one quantized activation row once per matmul into the form `dot_group` reads.
     fn prepare(_acts: &mut [Self::Act]) {}
-    /// `out[r][c] = dot(column c of the group, ys[r])` for every row. `w` is the group's blocks along k.
+    /// `out[r][c] = dot(column c of the group, ys[r])` for every row. `w` is the group's units along k.
     /// Requires [`vnni`].
     fn dot_group(w: &[Self], ys: &[&[Self::Act]], out: &mut [[f32; GROUP]]);
 }
 
 impl GroupRows for Q4KX16 {
-    const BLOCK: usize = 256;
     type Block = BlockQ4K;
-    fn from_blocks(cols: &[&BlockQ4K]) -> Self {
-        Self::from_q4k(cols)
+    fn from_blocks(cols: &[&[BlockQ4K]]) -> Self {
+        let cols: Vec<&BlockQ4K> = cols.iter().map(|c| &c[0]).collect();
+        Self::from_q4k(&cols)
     }
-    fn column(&self, c: usize) -> BlockQ4K {
-        self.q4k_column(c)
+    fn column(&self, c: usize) -> Vec<BlockQ4K> {
+        vec![self.q4k_column(c)]
     }
     type Act = BlockQ8K;
     /// Sums of 32 activations in the first half of `bsums` (the mins term), as for the one-column kernel.
@@ -299,11 +299,10 @@ fn q6k_values(x: &Q6K) -> [u8; 256] {
 }
 
 impl GroupRows for Q6KX16 {
-    const BLOCK: usize = 256;
     type Block = BlockQ6K;
     type Act = BlockQ8K;
 
-    fn from_blocks(cols: &[&BlockQ6K]) -> Self {
+    fn from_blocks(cols: &[&[BlockQ6K]]) -> Self {
         debug_assert!(cols.len() <= GROUP);
         let mut out = Self {
             scales: [[0; 2 * GROUP]; 8],
@@ -314,7 +313,7 @@ impl GroupRows for Q6KX16 {
             }),
         };
         for (c, block) in cols.iter().enumerate() {
-            let x: &Q6K = &cast(std::slice::from_ref(*block))[0];
+            let x: &Q6K = &cast(&block[..1])[0];
             let q = q6k_values(x);
             out.d[c] = x.d;
             for g in 0..16 {
@@ -332,7 +331,7 @@ impl GroupRows for Q6KX16 {
         out
     }
 
-    fn column(&self, c: usize) -> BlockQ6K {
+    fn column(&self, c: usize) -> Vec<BlockQ6K> {
         let mut q = [0u8; 256];
         for g in 0..16 {
             for i in 0..16 {
@@ -361,7 +360,7 @@ impl GroupRows for Q6KX16 {
         }
         let mut out = BlockQ6K::zeros();
         cast_mut::<_, Q6K>(std::slice::from_mut(&mut out))[0] = x;
-        out
+        vec![out]
     }
 
     fn dot_group(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; GROUP]]) {
@@ -443,6 +442,229 @@ unsafe fn q6kx16_rows<const R: usize>(xs: &[Q6KX16], ys: [&[Q8K]; R], out: &mut 
             let total = _mm512_sub_epi32(blk[r], _mm512_slli_epi32(off, 5));
             let scale = _mm512_mul_ps(dv, _mm512_set1_ps(y.d));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc[r]);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: out[r] is 16 floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+}
+
+/// Two Q8_0 blocks (64 weights along k) of sixteen consecutive output columns, interleaved: `qs[h][i]`,
+/// lane `c`, holds column `c`'s weights `4i..4i + 4` of block `h`; `d[h]` the sixteen scales. The same
+/// 1088 bytes as 32 ggml blocks (two blocks per unit so that a unit is whole cache lines).
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub struct Q8_0X16 {
+    d: [[u16; GROUP]; 2],
+    qs: [[[i8; 64]; 8]; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<Q8_0X16>() == 1088);
+
+impl GroupRows for Q8_0X16 {
+    const UNIT: usize = 2;
+    type Block = BlockQ8_0;
+    type Act = BlockQ8_0;
+
+    fn from_blocks(cols: &[&[BlockQ8_0]]) -> Self {
+        debug_assert!(cols.len() <= GROUP);
+        let mut out = Self {
+            d: [[0; GROUP]; 2],
+            qs: [[[0; 64]; 8]; 2],
+        };
+        for (c, blocks) in cols.iter().enumerate() {
+            for (h, x) in cast::<_, Q80>(&blocks[..2]).iter().enumerate() {
+                out.d[h][c] = x.d;
+                for (v, &q) in x.qs.iter().enumerate() {
+                    out.qs[h][v / 4][4 * c + v % 4] = q;
+                }
+            }
+        }
+        out
+    }
+
+    fn column(&self, c: usize) -> Vec<BlockQ8_0> {
+        (0..2)
+            .map(|h| {
+                let x = Q80 {
+                    d: self.d[h][c],
+                    qs: std::array::from_fn(|v| self.qs[h][v / 4][4 * c + v % 4]),
+                };
+                let mut out = BlockQ8_0::zeros();
+                cast_mut::<_, Q80>(std::slice::from_mut(&mut out))[0] = x;
+                out
+            })
+            .collect()
+    }
+
+    /// Activations as unsigned bytes `a + 128` (the sign bit flipped), so that the signed weights can be
+    /// `vpdpbusd`'s signed operand; the kernel takes `128 * sum(w)` back off per block.
+    fn prepare(acts: &mut [BlockQ8_0]) {
+        for y in cast_mut::<_, Q80>(acts) {
+            for q in y.qs.iter_mut() {
+                *q = (*q as u8 ^ 0x80) as i8;
+            }
+        }
+    }
+
+    fn dot_group(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [[f32; GROUP]]) {
+        debug_assert!(vnni());
+        dispatch_rows!(q8_0x16_rows, Q80, w, ys, out, [1, 2, 3, 4, 5, 6, 7, 8])
+    }
+}
+
+/// Q8_0 x Q8_0 (prepared) for sixteen interleaved columns and R rows. Per row and block: eight
+/// `vpdpbusd` (broadcast `a + 128` times sixteen columns' signed weights; a lane's sum of 32 products
+/// is at most 32 * 255 * 128, well within an i32), the block's `128 * sum(w)` (eight `vpdpbusd` of
+/// 128s, shared by the rows) subtracted, and one float step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[inline(never)]
+unsafe fn q8_0x16_rows<const R: usize>(xs: &[Q8_0X16], ys: [&[Q80]; R], out: &mut [[f32; GROUP]]) {
+    let bias = _mm512_set1_epi8(-128);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (u, x) in xs.iter().enumerate() {
+        for h in 0..2 {
+            // SAFETY: aligned 64-byte vectors within the unit; 16 f16.
+            let w: [__m512i; 8] = std::array::from_fn(|i| unsafe {
+                _mm512_load_si512(x.qs[h][i].as_ptr() as *const _)
+            });
+            let dv =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(x.d[h].as_ptr() as *const __m256i) });
+            let mut corr = _mm512_setzero_si512();
+            for wi in &w {
+                corr = dpbusd!(corr, bias, *wi);
+            }
+            for r in 0..R {
+                let y = &ys[r][2 * u + h];
+                let a = y.qs.as_ptr() as *const i32;
+                let mut t = _mm512_setzero_si512();
+                for (i, wi) in w.iter().enumerate() {
+                    // SAFETY: i < 8: within the block's 32 values; unaligned 4-byte reads.
+                    t = dpbusd!(
+                        t,
+                        _mm512_set1_epi32(unsafe { a.add(i).read_unaligned() }),
+                        *wi
+                    );
+                }
+                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(f16_to_f32(y.d)));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(t, corr)), scale, acc[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: out[r] is 16 floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+}
+
+/// One Q4_1 block (32 weights along k) of sixteen consecutive output columns, interleaved: `qs[j]`,
+/// lane `c`, holds column `c`'s weights `8j..8j + 4` in its low nibbles and `8j + 4..8j + 8` in its
+/// high ones; `d` and `m` the sixteen scales and offsets. The same 320 bytes as sixteen ggml blocks.
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub struct Q4_1X16 {
+    d: [u16; GROUP],
+    m: [u16; GROUP],
+    qs: [[u8; 64]; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<Q4_1X16>() == 320);
+
+impl GroupRows for Q4_1X16 {
+    type Block = BlockQ4_1;
+    type Act = BlockQ8_1;
+
+    fn from_blocks(cols: &[&[BlockQ4_1]]) -> Self {
+        debug_assert!(cols.len() <= GROUP);
+        let mut out = Self {
+            d: [0; GROUP],
+            m: [0; GROUP],
+            qs: [[0; 64]; 4],
+        };
+        for (c, block) in cols.iter().enumerate() {
+            let x: &Q41 = &cast(&block[..1])[0];
+            out.d[c] = x.d;
+            out.m[c] = x.m;
+            for v in 0..32 {
+                // ggml: weight v < 16 is the low nibble of byte v, weight 16 + v the high one.
+                let q = if v < 16 {
+                    x.qs[v] & 0xf
+                } else {
+                    x.qs[v - 16] >> 4
+                };
+                let (j, e, high) = run_slot(v);
+                out.qs[j][4 * c + e] |= if high { q << 4 } else { q };
+            }
+        }
+        out
+    }
+
+    fn column(&self, c: usize) -> Vec<BlockQ4_1> {
+        let mut x = Q41 {
+            d: self.d[c],
+            m: self.m[c],
+            qs: [0; 16],
+        };
+        for v in 0..32 {
+            let (j, e, high) = run_slot(v);
+            let byte = self.qs[j][4 * c + e];
+            let q = if high { byte >> 4 } else { byte & 0xf };
+            x.qs[v % 16] |= if v < 16 { q } else { q << 4 };
+        }
+        let mut out = BlockQ4_1::zeros();
+        cast_mut::<_, Q41>(std::slice::from_mut(&mut out))[0] = x;
+        vec![out]
+    }
+
+    fn dot_group(w: &[Self], ys: &[&[BlockQ8_1]], out: &mut [[f32; GROUP]]) {
+        debug_assert!(vnni());
+        dispatch_rows!(q4_1x16_rows, Q81, w, ys, out, [1, 2, 3, 4, 5, 6, 7, 8])
+    }
+}
+
+/// Q4_1 x Q8_1 for sixteen interleaved columns and R rows, ggml's sum per block: `d_w * d_a * sum(q *
+/// a) + m_w * s_a` (`s_a` the activation block's `d * sum(a)`). Per row and block: eight `vpdpbusd`
+/// (unsigned nibbles times broadcast activations) and two float steps.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[inline(never)]
+unsafe fn q4_1x16_rows<const R: usize>(xs: &[Q4_1X16], ys: [&[Q81]; R], out: &mut [[f32; GROUP]]) {
+    let m4 = _mm512_set1_epi8(0xF);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (b, x) in xs.iter().enumerate() {
+        let mut w = [_mm512_setzero_si512(); 8];
+        for (j, v) in x.qs.iter().enumerate() {
+            // SAFETY: aligned 64-byte vectors within the block.
+            let v = unsafe { _mm512_load_si512(v.as_ptr() as *const _) };
+            w[2 * j] = _mm512_and_si512(v, m4);
+            w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
+        // SAFETY: 16 f16 each.
+        let (dv, mv) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(x.d.as_ptr() as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(x.m.as_ptr() as *const __m256i)),
+            )
+        };
+        for r in 0..R {
+            let y = &ys[r][b];
+            // Vector i covers weights 4i..4i + 4 of every column (see `Q4_1X16`).
+            let a = y.qs.as_ptr() as *const i32;
+            let mut t = _mm512_setzero_si512();
+            for (i, wi) in w.iter().enumerate() {
+                // SAFETY: i < 8: within the block's 32 values; unaligned 4-byte reads.
+                t = dpbusd!(
+                    t,
+                    *wi,
+                    _mm512_set1_epi32(unsafe { a.add(i).read_unaligned() })
+                );
+            }
+            let scale = _mm512_mul_ps(dv, _mm512_set1_ps(f16_to_f32(y.d)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(f16_to_f32(y.s)), acc[r]);
         }
     }
     for r in 0..R {

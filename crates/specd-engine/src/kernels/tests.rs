@@ -314,14 +314,14 @@ where
     A: GgmlType + Clone + Sync,
 {
     let (n, k) = (21, 1024);
-    let kb = k / T::BLOCK;
-    let w: Vec<T::Block> = blocks(dtype, n, k, seed);
+    let kb = k / B::BLCK_SIZE;
+    let w: Vec<B> = blocks(dtype, n, k, seed);
     let groups: Vec<Vec<T>> = (0..n.div_ceil(GROUP))
         .map(|g| {
-            (0..kb)
-                .map(|b| {
-                    let cols: Vec<&T::Block> = (g * GROUP..n.min((g + 1) * GROUP))
-                        .map(|c| &w[c * kb + b])
+            (0..kb / T::UNIT)
+                .map(|u| {
+                    let cols: Vec<&[B]> = (g * GROUP..n.min((g + 1) * GROUP))
+                        .map(|c| &w[c * kb + u * T::UNIT..c * kb + (u + 1) * T::UNIT])
                         .collect();
                     T::from_blocks(&cols)
                 })
@@ -329,9 +329,9 @@ where
         })
         .collect();
     for c in 0..n {
-        let back: Vec<T::Block> = groups[c / GROUP]
+        let back: Vec<B> = groups[c / GROUP]
             .iter()
-            .map(|x| x.column(c % GROUP))
+            .flat_map(|x| x.column(c % GROUP))
             .collect();
         let (mut a, mut b) = (vec![0f32; k], vec![0f32; k]);
         T::Block::to_float(&w[c * kb..(c + 1) * kb], &mut a);
@@ -392,4 +392,14 @@ fn q4k_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle(
 #[test]
 fn q6k_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
     check_groups::<Q6KX16, _, _>(GgmlDType::Q6K, 8);
+}
+
+#[test]
+fn q8_0_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
+    check_groups::<Q8_0X16, _, _>(GgmlDType::Q8_0, 9);
+}
+
+#[test]
+fn q4_1_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
+    check_groups::<Q4_1X16, _, _>(GgmlDType::Q4_1, 10);
 }
