@@ -33,7 +33,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::error::EngineError;
-use crate::kernels::{self, GroupRows, MultiRow, GROUP, Q4KX16, Q4_1X16, Q6KX16, Q8_0X16};
+use crate::kernels::{self, GroupRows, MultiRow, GROUP, Q4KX16, Q4_1X16, Q5_0X16, Q6KX16, Q8_0X16};
 
 /// Columns per parallel task: a multiple of 4 so column quads never straddle tasks.
 const COLS_PER_TASK: usize = 64;
@@ -64,6 +64,9 @@ pub enum QData {
     Q8_0X16(Vec<Q8_0X16>),
     /// Q4_1 in column groups of sixteen ([`Q4_1X16`]; AVX-512 VNNI CPUs).
     Q4_1X16(Vec<Q4_1X16>),
+    /// Q5_0 in column groups of sixteen, two blocks per unit ([`Q5_0X16`]; AVX-512 VNNI CPUs, rows of
+    /// an even block count).
+    Q5_0X16(Vec<Q5_0X16>),
     Q5K(Vec<BlockQ5K>),
     Q6K(Vec<BlockQ6K>),
 }
@@ -178,6 +181,9 @@ impl QWeight {
                 QData::Q4_1X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
             }
             GgmlDType::Q4_1 => QData::Q4_1(blocks_from_bytes(bytes, count)?),
+            GgmlDType::Q5_0 if kernels::vnni() && (k / 32).is_multiple_of(2) => {
+                QData::Q5_0X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
+            }
             GgmlDType::Q5_0 if kernels::available() => {
                 QData::Q5_0(blocks_from_bytes(bytes, count)?)
             }
@@ -241,6 +247,7 @@ impl QWeight {
             QData::Q6KX16(v) => b(v),
             QData::Q8_0X16(v) => b(v),
             QData::Q4_1X16(v) => b(v),
+            QData::Q5_0X16(v) => b(v),
             QData::Q5K(v) => b(v),
             QData::Q6K(v) => b(v),
         }
@@ -253,7 +260,7 @@ impl QWeight {
             QData::F16(_) => "f16",
             QData::Q4_0(_) => "q4_0",
             QData::Q4_1(_) | QData::Q4_1X16(_) => "q4_1",
-            QData::Q5_0(_) => "q5_0",
+            QData::Q5_0(_) | QData::Q5_0X16(_) => "q5_0",
             QData::Q5_1(_) => "q5_1",
             QData::Q8_0(_) | QData::Q8_0X16(_) => "q8_0",
             QData::Q2K(_) => "q2_k",
@@ -291,6 +298,7 @@ impl QWeight {
             QData::Q6KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
             QData::Q8_0X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
             QData::Q4_1X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
+            QData::Q5_0X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
             QData::Q5K(v) => deq(v, row, self.k, out),
             QData::Q6K(v) => deq(v, row, self.k, out),
         }
@@ -319,6 +327,7 @@ impl QWeight {
             QData::Q6KX16(w) => matmul_groups(w, self.n, self.k, x, m),
             QData::Q8_0X16(w) => matmul_groups(w, self.n, self.k, x, m),
             QData::Q4_1X16(w) => matmul_groups(w, self.n, self.k, x, m),
+            QData::Q5_0X16(w) => matmul_groups(w, self.n, self.k, x, m),
             QData::Q5K(w) => matmul_blocks(w, self.n, self.k, x, m),
             QData::Q6K(w) if kernels::available() => matmul_multi(w, self.n, self.k, x, m),
             QData::Q6K(w) => matmul_blocks(w, self.n, self.k, x, m),
@@ -355,6 +364,7 @@ impl QWeight {
             QData::Q6KX16(v) => QData::Q6KX16(select_columns(v, k / 256, keep)),
             QData::Q8_0X16(v) => QData::Q8_0X16(select_columns(v, k / 32, keep)),
             QData::Q4_1X16(v) => QData::Q4_1X16(select_columns(v, k / 32, keep)),
+            QData::Q5_0X16(v) => QData::Q5_0X16(select_columns(v, k / 32, keep)),
             QData::Q5K(v) => QData::Q5K(sel(v, k / 256, keep)),
             QData::Q6K(v) => QData::Q6K(sel(v, k / 256, keep)),
         };

@@ -672,3 +672,164 @@ unsafe fn q4_1x16_rows<const R: usize>(xs: &[Q4_1X16], ys: [&[Q81]; R], out: &mu
         unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
     }
 }
+
+/// Two Q5_0 blocks (64 weights along k) of sixteen consecutive output columns, interleaved: per block
+/// `h`, `qs[h][j]`, lane `c`, holds column `c`'s low four bits of weights `8j..8j + 4` (low nibbles)
+/// and `8j + 4..8j + 8` (high ones); `qh[h]`, lane `c`, byte `e`, bit `i`, the fifth bit of weight
+/// `4i + e`; `d[h]` the sixteen scales. The same 704 bytes as 32 ggml blocks.
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub struct Q5_0X16 {
+    d: [[u16; GROUP]; 2],
+    qh: [[u8; 64]; 2],
+    qs: [[[u8; 64]; 4]; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<Q5_0X16>() == 704);
+
+/// The 32 weights of a Q5_0 block as unsigned 5-bit values (before the `- 16`).
+fn q5_0_values(x: &Q50) -> [u8; 32] {
+    let qh = u32::from_le_bytes(x.qh);
+    std::array::from_fn(|v| {
+        let nib = if v < 16 {
+            x.qs[v] & 0xf
+        } else {
+            x.qs[v - 16] >> 4
+        };
+        nib | ((((qh >> v) & 1) as u8) << 4)
+    })
+}
+
+impl GroupRows for Q5_0X16 {
+    const UNIT: usize = 2;
+    type Block = BlockQ5_0;
+    type Act = BlockQ8_0;
+
+    fn from_blocks(cols: &[&[BlockQ5_0]]) -> Self {
+        debug_assert!(cols.len() <= GROUP);
+        let mut out = Self {
+            d: [[0; GROUP]; 2],
+            qh: [[0; 64]; 2],
+            qs: [[[0; 64]; 4]; 2],
+        };
+        for (c, blocks) in cols.iter().enumerate() {
+            for (h, x) in cast::<_, Q50>(&blocks[..2]).iter().enumerate() {
+                out.d[h][c] = x.d;
+                for (v, q) in q5_0_values(x).into_iter().enumerate() {
+                    let (j, e, high) = run_slot(v);
+                    out.qs[h][j][4 * c + e] |= if high { (q & 0xf) << 4 } else { q & 0xf };
+                    out.qh[h][4 * c + v % 4] |= (q >> 4) << (v / 4);
+                }
+            }
+        }
+        out
+    }
+
+    fn column(&self, c: usize) -> Vec<BlockQ5_0> {
+        (0..2)
+            .map(|h| {
+                let mut x = Q50 {
+                    d: self.d[h][c],
+                    qh: [0; 4],
+                    qs: [0; 16],
+                };
+                let mut qh = 0u32;
+                for v in 0..32 {
+                    let (j, e, high) = run_slot(v);
+                    let byte = self.qs[h][j][4 * c + e];
+                    let nib = if high { byte >> 4 } else { byte & 0xf };
+                    x.qs[v % 16] |= if v < 16 { nib } else { nib << 4 };
+                    qh |= (((self.qh[h][4 * c + v % 4] >> (v / 4)) & 1) as u32) << v;
+                }
+                x.qh = qh.to_le_bytes();
+                let mut out = BlockQ5_0::zeros();
+                cast_mut::<_, Q50>(std::slice::from_mut(&mut out))[0] = x;
+                out
+            })
+            .collect()
+    }
+
+    /// As for Q8_0: activations as `a + 128`.
+    fn prepare(acts: &mut [BlockQ8_0]) {
+        Q8_0X16::prepare(acts)
+    }
+
+    fn dot_group(w: &[Self], ys: &[&[BlockQ8_0]], out: &mut [[f32; GROUP]]) {
+        debug_assert!(vnni());
+        dispatch_rows!(q5_0x16_rows, Q80, w, ys, out, [1, 2, 3, 4, 5, 6, 7, 8])
+    }
+}
+
+/// Q5_0 x Q8_0 (prepared) for sixteen interleaved columns and R rows: the weights are rebuilt as signed
+/// bytes `q - 16` (nibble and fifth bit joined by one ternary-logic op, then a byte subtract; shared by
+/// the rows), then multiplied as [`q8_0x16_rows`] does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[inline(never)]
+unsafe fn q5_0x16_rows<const R: usize>(xs: &[Q5_0X16], ys: [&[Q80]; R], out: &mut [[f32; GROUP]]) {
+    let m4 = _mm512_set1_epi8(0xF);
+    let m10 = _mm512_set1_epi8(0x10);
+    let sixteen = _mm512_set1_epi8(16);
+    let bias = _mm512_set1_epi8(-128);
+    const A_OR_B_AND_C: i32 = 0xF8;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (u, x) in xs.iter().enumerate() {
+        for h in 0..2 {
+            // SAFETY: aligned 64-byte vectors within the unit; 16 f16.
+            let (top, dv) = unsafe {
+                (
+                    _mm512_load_si512(x.qh[h].as_ptr() as *const _),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(x.d[h].as_ptr() as *const __m256i)),
+                )
+            };
+            let mut nib = [_mm512_setzero_si512(); 8];
+            for (j, v) in x.qs[h].iter().enumerate() {
+                // SAFETY: as above.
+                let v = unsafe { _mm512_load_si512(v.as_ptr() as *const _) };
+                nib[2 * j] = _mm512_and_si512(v, m4);
+                nib[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            }
+            // Bit i of each byte of `top` moved to bit 4 (bits crossing a byte are masked off).
+            let fifth = [
+                _mm512_slli_epi16(top, 4),
+                _mm512_slli_epi16(top, 3),
+                _mm512_slli_epi16(top, 2),
+                _mm512_slli_epi16(top, 1),
+                top,
+                _mm512_srli_epi16(top, 1),
+                _mm512_srli_epi16(top, 2),
+                _mm512_srli_epi16(top, 3),
+            ];
+            let w: [__m512i; 8] = std::array::from_fn(|i| {
+                _mm512_sub_epi8(
+                    _mm512_ternarylogic_epi32::<A_OR_B_AND_C>(nib[i], fifth[i], m10),
+                    sixteen,
+                )
+            });
+            let mut corr = _mm512_setzero_si512();
+            for wi in &w {
+                corr = dpbusd!(corr, bias, *wi);
+            }
+            for r in 0..R {
+                let y = &ys[r][2 * u + h];
+                let a = y.qs.as_ptr() as *const i32;
+                let mut t = _mm512_setzero_si512();
+                for (i, wi) in w.iter().enumerate() {
+                    // SAFETY: i < 8: within the block's 32 values; unaligned 4-byte reads.
+                    t = dpbusd!(
+                        t,
+                        _mm512_set1_epi32(unsafe { a.add(i).read_unaligned() }),
+                        *wi
+                    );
+                }
+                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(f16_to_f32(y.d)));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(t, corr)), scale, acc[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: out[r] is 16 floats.
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+    }
+}

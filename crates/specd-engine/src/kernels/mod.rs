@@ -17,8 +17,9 @@
 //! the same integer sums with AVX2 and then the same f32 operations in the same order, so it is bitwise
 //! equal too.
 //!
-//! On AVX-512 VNNI CPUs Q4_K, Q6_K (nearly all of Qwen 1.5B's weights), Q4_1 (SmolLM2's) and Q8_0
-//! (heads and embeddings, where a row has an even block count) are stored in column groups of sixteen
+//! On AVX-512 VNNI CPUs Q4_K, Q6_K (nearly all of Qwen 1.5B's weights), Q4_1 (SmolLM2's), Q5_0 (most
+//! of Qwen 0.5B's) and Q8_0 (heads and embeddings; these two where a row has an even block count) are
+//! stored in column groups of sixteen
 //! and multiplied by the kernels of `interleaved.rs` ([`GroupRows`]): one
 //! `vpdpbusd` covers four weights of sixteen columns, scales are applied per lane for sixteen columns at
 //! once and there are no horizontal sums, so the extra rows of a verify step or a prefill cost about
@@ -26,9 +27,8 @@
 //! than candle's, so their results differ from candle's in the last float bits (within float rounding;
 //! the tests check the bound and the row invariance). `SPECD_NO_AVX512=1` selects the AVX2 kernels.
 //!
-//! The 32-value block formats have one-column AVX-512 VNNI kernels too (`vnni.rs`): Q5_0 (most of the
-//! Qwen 0.5B draft model, whose hidden size 896 is not a multiple of 256), and Q8_0 with an odd block
-//! count and Q4_1 where they are not grouped (the kernels stay tested). Two blocks per
+//! The 32-value block formats also have one-column AVX-512 VNNI kernels (`vnni.rs`), used where a Q8_0
+//! or Q5_0 row has an odd block count (none of the project's files; the kernels stay tested). Two blocks per
 //! 64-byte vector; signed weights give their magnitudes to `vpdpbusd` and their signs to each row's
 //! activations (one masked subtract), Q4_1's unsigned nibbles go in as they are; block scales are applied
 //! per lane in f32. Their activation rows are rewritten once per matmul into values-then-scales order
@@ -351,7 +351,7 @@ mod vnni;
 #[cfg(target_arch = "x86_64")]
 use avx2::*;
 #[cfg(target_arch = "x86_64")]
-pub use interleaved::{GroupRows, GROUP, Q4KX16, Q4_1X16, Q6KX16, Q8_0X16};
+pub use interleaved::{GroupRows, GROUP, Q4KX16, Q4_1X16, Q5_0X16, Q6KX16, Q8_0X16};
 #[cfg(target_arch = "x86_64")]
 use vnni::*;
 

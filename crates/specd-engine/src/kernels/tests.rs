@@ -403,3 +403,8 @@ fn q8_0_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle
 fn q4_1_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
     check_groups::<Q4_1X16, _, _>(GgmlDType::Q4_1, 10);
 }
+
+#[test]
+fn q5_0_column_groups_round_trip_and_kernel_is_row_invariant_and_close_to_candle() {
+    check_groups::<Q5_0X16, _, _>(GgmlDType::Q5_0, 11);
+}
