@@ -3,9 +3,10 @@
 //! four activations (broadcast from memory) and the block scales are applied per lane, for all sixteen
 //! columns at once.
 //!
-//! The one-column kernels (`vnni.rs`) pay, per row and weight block, a handful of instructions that do
-//! no multiplying (scale products, lane folds, conversions, a horizontal sum per column): for the extra
-//! rows of a verify step or a prefill, which are compute-bound, that is about as much as the multiplies.
+//! A one-column kernel (`vnni.rs`'s, and the K-quant ones these replaced) pays, per row and weight
+//! block, a handful of instructions that do no multiplying (scale products, lane folds, conversions, a
+//! horizontal sum per column): for the extra rows of a verify step or a prefill, which are
+//! compute-bound, that is about as much as the multiplies.
 //! Here those steps cover sixteen columns each, activation loads are broadcasts (load ports, not vector
 //! units), and the output of sixteen columns is one store: no horizontal sums at all. This is the layout
 //! llama.cpp's repacked CPU paths use (`block_q4_Kx8`), built for our batch invariance: each row has its own
@@ -169,7 +170,7 @@ impl GroupRows for Q4KX16 {
         vec![self.q4k_column(c)]
     }
     type Act = BlockQ8K;
-    /// Sums of 32 activations in the first half of `bsums` (the mins term), as for the one-column kernel.
+    /// Sums of 32 activations in the first half of `bsums` (the mins term), as for the AVX2 kernel.
     fn prepare(acts: &mut [BlockQ8K]) {
         cast_mut::<_, Q8K>(acts).iter_mut().for_each(fold_bsums);
     }
@@ -180,7 +181,7 @@ impl GroupRows for Q4KX16 {
 }
 
 /// Q4_K x Q8_K for sixteen interleaved columns and R rows. Per row and sixteen-weight run: four
-/// `vpdpbusd` (a lane sums 16 products u4 x i8, within an i16, as in the one-column kernel) and one
+/// `vpdpbusd` (a lane sums 16 products u4 x i8, within an i16) and one
 /// `vpdpwssd` by the run's per-column scale into the block's integer sum; per row and block, four
 /// `vpdpwssd` for the mins and one float step. Weight unpacking is shared by the rows.
 #[cfg(target_arch = "x86_64")]
