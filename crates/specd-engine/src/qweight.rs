@@ -664,13 +664,15 @@ pub(crate) mod tests {
             GgmlDType::Q6K,
             GgmlDType::Q8_0,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
             GgmlDType::F32,
         ] {
-            let (n, k) = (70, 512);
+            // 70 columns (a padded group), and rows past one tile of the eight-row kernels.
+            let (n, k, m) = (70, 512, 24);
             let (w, _) = quantized(dtype, n, k);
-            let x = random(5 * k, 3);
-            let all = w.matmul(&x, 5);
-            for r in 0..5 {
+            let x = random(m * k, 3);
+            let all = w.matmul(&x, m);
+            for r in 0..m {
                 let one = w.matmul(&x[r * k..(r + 1) * k], 1);
                 assert_eq!(one, all[r * n..(r + 1) * n].to_vec(), "{dtype:?} row {r}");
             }
