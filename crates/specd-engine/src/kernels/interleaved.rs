@@ -515,15 +515,49 @@ impl GroupRows for Q8_0X16 {
     }
 }
 
-/// Q8_0 x Q8_0 (prepared) for sixteen interleaved columns and R rows. Per row and block: eight
-/// `vpdpbusd` (broadcast `a + 128` times sixteen columns' signed weights; a lane's sum of 32 products
-/// is at most 32 * 255 * 128, well within an i32), the block's `128 * sum(w)` (eight `vpdpbusd` of
-/// 128s, shared by the rows) subtracted, and one float step.
+/// One 32-weight block of sixteen columns as signed bytes (`w[i]`, lane `c`: column `c`'s weights
+/// `4i..4i + 4`; `dv` their scales) against activation block `b` of each row (prepared as `a + 128`),
+/// into each row's accumulator: eight `vpdpbusd` per row (a lane's sum of 32 products is at most
+/// 32 * 255 * 128, well within an i32), the block's `128 * sum(w)` (eight `vpdpbusd` of 128s, shared
+/// by the rows) taken back off, and one float step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[inline]
+fn signed_block_rows<const R: usize>(
+    w: &[__m512i; 8],
+    dv: __m512,
+    ys: &[&[Q80]; R],
+    b: usize,
+    acc: &mut [__m512; R],
+) {
+    let bias = _mm512_set1_epi8(-128);
+    let mut corr = _mm512_setzero_si512();
+    for wi in w {
+        corr = dpbusd!(corr, bias, *wi);
+    }
+    for r in 0..R {
+        let y = &ys[r][b];
+        let a = y.qs.as_ptr() as *const i32;
+        let mut t = _mm512_setzero_si512();
+        for (i, wi) in w.iter().enumerate() {
+            // SAFETY: i < 8: within the block's 32 values; unaligned 4-byte reads.
+            t = dpbusd!(
+                t,
+                _mm512_set1_epi32(unsafe { a.add(i).read_unaligned() }),
+                *wi
+            );
+        }
+        let scale = _mm512_mul_ps(dv, _mm512_set1_ps(f16_to_f32(y.d)));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(t, corr)), scale, acc[r]);
+    }
+}
+
+/// Q8_0 x Q8_0 (prepared) for sixteen interleaved columns and R rows: each block's weights are
+/// already signed bytes ([`signed_block_rows`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 #[inline(never)]
 unsafe fn q8_0x16_rows<const R: usize>(xs: &[Q8_0X16], ys: [&[Q80]; R], out: &mut [[f32; GROUP]]) {
-    let bias = _mm512_set1_epi8(-128);
     let mut acc = [_mm512_setzero_ps(); R];
     for (u, x) in xs.iter().enumerate() {
         for h in 0..2 {
@@ -533,26 +567,7 @@ unsafe fn q8_0x16_rows<const R: usize>(xs: &[Q8_0X16], ys: [&[Q80]; R], out: &mu
             });
             let dv =
                 _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(x.d[h].as_ptr() as *const __m256i) });
-            let mut corr = _mm512_setzero_si512();
-            for wi in &w {
-                corr = dpbusd!(corr, bias, *wi);
-            }
-            for r in 0..R {
-                let y = &ys[r][2 * u + h];
-                let a = y.qs.as_ptr() as *const i32;
-                let mut t = _mm512_setzero_si512();
-                for (i, wi) in w.iter().enumerate() {
-                    // SAFETY: i < 8: within the block's 32 values; unaligned 4-byte reads.
-                    t = dpbusd!(
-                        t,
-                        _mm512_set1_epi32(unsafe { a.add(i).read_unaligned() }),
-                        *wi
-                    );
-                }
-                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(f16_to_f32(y.d)));
-                acc[r] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(t, corr)), scale, acc[r]);
-            }
+            signed_block_rows(&w, dv, &ys, 2 * u + h, &mut acc);
         }
     }
     for r in 0..R {
@@ -763,7 +778,7 @@ impl GroupRows for Q5_0X16 {
 
 /// Q5_0 x Q8_0 (prepared) for sixteen interleaved columns and R rows: the weights are rebuilt as signed
 /// bytes `q - 16` (nibble and fifth bit joined by one ternary-logic op, then a byte subtract; shared by
-/// the rows), then multiplied as [`q8_0x16_rows`] does.
+/// the rows), then multiplied as Q8_0's ([`signed_block_rows`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 #[inline(never)]
@@ -771,7 +786,6 @@ unsafe fn q5_0x16_rows<const R: usize>(xs: &[Q5_0X16], ys: [&[Q80]; R], out: &mu
     let m4 = _mm512_set1_epi8(0xF);
     let m10 = _mm512_set1_epi8(0x10);
     let sixteen = _mm512_set1_epi8(16);
-    let bias = _mm512_set1_epi8(-128);
     const A_OR_B_AND_C: i32 = 0xF8;
     let mut acc = [_mm512_setzero_ps(); R];
     for (u, x) in xs.iter().enumerate() {
@@ -807,26 +821,7 @@ unsafe fn q5_0x16_rows<const R: usize>(xs: &[Q5_0X16], ys: [&[Q80]; R], out: &mu
                     sixteen,
                 )
             });
-            let mut corr = _mm512_setzero_si512();
-            for wi in &w {
-                corr = dpbusd!(corr, bias, *wi);
-            }
-            for r in 0..R {
-                let y = &ys[r][2 * u + h];
-                let a = y.qs.as_ptr() as *const i32;
-                let mut t = _mm512_setzero_si512();
-                for (i, wi) in w.iter().enumerate() {
-                    // SAFETY: i < 8: within the block's 32 values; unaligned 4-byte reads.
-                    t = dpbusd!(
-                        t,
-                        _mm512_set1_epi32(unsafe { a.add(i).read_unaligned() }),
-                        *wi
-                    );
-                }
-                let scale = _mm512_mul_ps(dv, _mm512_set1_ps(f16_to_f32(y.d)));
-                acc[r] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(t, corr)), scale, acc[r]);
-            }
+            signed_block_rows(&w, dv, &ys, 2 * u + h, &mut acc);
         }
     }
     for r in 0..R {
