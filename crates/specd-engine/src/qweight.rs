@@ -54,7 +54,7 @@ pub enum QData {
     Q2K(Vec<BlockQ2K>),
     Q3K(Vec<BlockQ3K>),
     Q4K(Vec<BlockQ4K>),
-    /// Q4_K in column groups of sixteen ([`Q4KX16`]; group `g`'s blocks along k at `g * k / 256..`), chosen at
+    /// Q4_K in column groups of sixteen ([`Q4KX16`]; group `g`'s k / 256 blocks contiguous), chosen at
     /// load on CPUs with AVX-512 VNNI.
     Q4KX16(Vec<Q4KX16>),
     /// Q6_K in column groups of sixteen ([`Q6KX16`]), chosen at load on CPUs with AVX-512 VNNI.
@@ -178,11 +178,11 @@ impl QWeight {
             GgmlDType::F16 => QData::F16(blocks_from_bytes::<f16>(bytes, count)?),
             GgmlDType::Q4_0 => QData::Q4_0(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q4_1 if kernels::vnni() => {
-                QData::Q4_1X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
+                QData::Q4_1X16(interleave(&blocks_from_bytes(bytes, count)?, n, k))
             }
             GgmlDType::Q4_1 => QData::Q4_1(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q5_0 if kernels::vnni() && (k / 32).is_multiple_of(2) => {
-                QData::Q5_0X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
+                QData::Q5_0X16(interleave(&blocks_from_bytes(bytes, count)?, n, k))
             }
             GgmlDType::Q5_0 if kernels::available() => {
                 QData::Q5_0(blocks_from_bytes(bytes, count)?)
@@ -190,7 +190,7 @@ impl QWeight {
             GgmlDType::Q5_0 => QData::Q8_0(q5_0_bytes_to_q8_0(bytes, count)?),
             GgmlDType::Q5_1 => QData::Q5_1(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q8_0 if kernels::vnni() && (k / 32).is_multiple_of(2) => {
-                QData::Q8_0X16(interleave(&blocks_from_bytes(bytes, count)?, n, k / 32))
+                QData::Q8_0X16(interleave(&blocks_from_bytes(bytes, count)?, n, k))
             }
             GgmlDType::Q8_0 => QData::Q8_0(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q2K => QData::Q2K(blocks_from_bytes(bytes, count)?),
@@ -198,14 +198,14 @@ impl QWeight {
             GgmlDType::Q4K if kernels::vnni() => QData::Q4KX16(interleave(
                 &blocks_from_bytes::<BlockQ4K>(bytes, count)?,
                 n,
-                k / 256,
+                k,
             )),
             GgmlDType::Q4K => QData::Q4K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q5K => QData::Q5K(blocks_from_bytes(bytes, count)?),
             GgmlDType::Q6K if kernels::vnni() => QData::Q6KX16(interleave(
                 &blocks_from_bytes::<BlockQ6K>(bytes, count)?,
                 n,
-                k / 256,
+                k,
             )),
             GgmlDType::Q6K => QData::Q6K(blocks_from_bytes(bytes, count)?),
             other => {
@@ -294,11 +294,11 @@ impl QWeight {
             QData::Q2K(v) => deq(v, row, self.k, out),
             QData::Q3K(v) => deq(v, row, self.k, out),
             QData::Q4K(v) => deq(v, row, self.k, out),
-            QData::Q4KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
-            QData::Q6KX16(v) => deq(&group_column(v, self.k / 256, row), 0, self.k, out),
-            QData::Q8_0X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
-            QData::Q4_1X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
-            QData::Q5_0X16(v) => deq(&group_column(v, self.k / 32, row), 0, self.k, out),
+            QData::Q4KX16(v) => deq(&group_column(v, self.k, row), 0, self.k, out),
+            QData::Q6KX16(v) => deq(&group_column(v, self.k, row), 0, self.k, out),
+            QData::Q8_0X16(v) => deq(&group_column(v, self.k, row), 0, self.k, out),
+            QData::Q4_1X16(v) => deq(&group_column(v, self.k, row), 0, self.k, out),
+            QData::Q5_0X16(v) => deq(&group_column(v, self.k, row), 0, self.k, out),
             QData::Q5K(v) => deq(v, row, self.k, out),
             QData::Q6K(v) => deq(v, row, self.k, out),
         }
@@ -360,11 +360,11 @@ impl QWeight {
             QData::Q2K(v) => QData::Q2K(sel(v, k / 256, keep)),
             QData::Q3K(v) => QData::Q3K(sel(v, k / 256, keep)),
             QData::Q4K(v) => QData::Q4K(sel(v, k / 256, keep)),
-            QData::Q4KX16(v) => QData::Q4KX16(select_columns(v, k / 256, keep)),
-            QData::Q6KX16(v) => QData::Q6KX16(select_columns(v, k / 256, keep)),
-            QData::Q8_0X16(v) => QData::Q8_0X16(select_columns(v, k / 32, keep)),
-            QData::Q4_1X16(v) => QData::Q4_1X16(select_columns(v, k / 32, keep)),
-            QData::Q5_0X16(v) => QData::Q5_0X16(select_columns(v, k / 32, keep)),
+            QData::Q4KX16(v) => QData::Q4KX16(select_columns(v, k, keep)),
+            QData::Q6KX16(v) => QData::Q6KX16(select_columns(v, k, keep)),
+            QData::Q8_0X16(v) => QData::Q8_0X16(select_columns(v, k, keep)),
+            QData::Q4_1X16(v) => QData::Q4_1X16(select_columns(v, k, keep)),
+            QData::Q5_0X16(v) => QData::Q5_0X16(select_columns(v, k, keep)),
             QData::Q5K(v) => QData::Q5K(sel(v, k / 256, keep)),
             QData::Q6K(v) => QData::Q6K(sel(v, k / 256, keep)),
         };
@@ -484,9 +484,10 @@ fn matmul_multi<T: MultiRow>(w: &[T], n: usize, k: usize, x: &[f32], m: usize) -
     out
 }
 
-/// `blocks` (n rows of kb ggml blocks, kb a multiple of `T::UNIT`) in column groups of sixteen, the last
-/// padded with zeros.
-fn interleave<T: GroupRows>(blocks: &[T::Block], n: usize, kb: usize) -> Vec<T> {
+/// `blocks` (an `n x k` matrix of ggml blocks, a row's block count a multiple of `T::UNIT`) in column
+/// groups of sixteen, the last padded with zeros.
+fn interleave<T: GroupRows>(blocks: &[T::Block], n: usize, k: usize) -> Vec<T> {
+    let kb = k / <T::Block as GgmlType>::BLCK_SIZE;
     let units = kb / T::UNIT;
     (0..n.div_ceil(GROUP))
         .flat_map(|g| {
@@ -502,9 +503,10 @@ fn interleave<T: GroupRows>(blocks: &[T::Block], n: usize, kb: usize) -> Vec<T> 
         .collect()
 }
 
-/// Column `col`'s kb ggml blocks back in ggml's layout.
-fn group_column<T: GroupRows>(v: &[T], kb: usize, col: usize) -> Vec<T::Block> {
-    let (g, c, units) = (col / GROUP, col % GROUP, kb / T::UNIT);
+/// Column `col`'s ggml blocks (a row of `k` weights) back in ggml's layout.
+fn group_column<T: GroupRows>(v: &[T], k: usize, col: usize) -> Vec<T::Block> {
+    let units = k / <T::Block as GgmlType>::BLCK_SIZE / T::UNIT;
+    let (g, c) = (col / GROUP, col % GROUP);
     v[g * units..(g + 1) * units]
         .iter()
         .flat_map(|x| x.column(c))
@@ -512,12 +514,12 @@ fn group_column<T: GroupRows>(v: &[T], kb: usize, col: usize) -> Vec<T::Block> {
 }
 
 /// The columns in `keep` (in that order), regrouped.
-fn select_columns<T: GroupRows>(v: &[T], kb: usize, keep: &[u32]) -> Vec<T> {
+fn select_columns<T: GroupRows>(v: &[T], k: usize, keep: &[u32]) -> Vec<T> {
     let cols: Vec<T::Block> = keep
         .iter()
-        .flat_map(|&r| group_column(v, kb, r as usize))
+        .flat_map(|&r| group_column(v, k, r as usize))
         .collect();
-    interleave(&cols, keep.len(), kb)
+    interleave(&cols, keep.len(), k)
 }
 
 /// Column-group kernel path: each task takes a few groups of sixteen columns and runs every row

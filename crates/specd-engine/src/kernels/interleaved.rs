@@ -62,6 +62,39 @@ fn q4k_nibbles(x: &Q4K) -> [u8; 256] {
     q
 }
 
+/// A candle block from its layout mirror.
+fn block_from<B: GgmlType, M>(x: M) -> B {
+    let mut out = B::zeros();
+    cast_mut::<_, M>(std::slice::from_mut(&mut out))[0] = x;
+    out
+}
+
+/// Weight `v` (0..32) of a 32-weight ggml block's nibbles: weight `v < 16` is the low nibble of byte
+/// `v`, weight `16 + v` the high one.
+fn nibble32(qs: &[u8; 16], v: usize) -> u8 {
+    if v < 16 {
+        qs[v] & 0xf
+    } else {
+        qs[v - 16] >> 4
+    }
+}
+
+/// Sets weight `v` of a zeroed 32-weight nibble array (the inverse of [`nibble32`]).
+fn set_nibble32(qs: &mut [u8; 16], v: usize, q: u8) {
+    qs[v % 16] |= if v < 16 { q } else { q << 4 };
+}
+
+/// Each row's sixteen outputs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn store_rows<const R: usize>(acc: &[__m512; R], out: &mut [[f32; GROUP]]) {
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: o is 16 floats.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), *a) };
+    }
+}
+
 /// Position of weight `i` (0..16) of a sixteen-weight run in its two vectors: (vector, byte within the
 /// column's four bytes, high nibble).
 const fn run_slot(i: usize) -> (usize, usize, bool) {
@@ -135,9 +168,7 @@ impl Q4KX16 {
             let (pair, o) = (b / 32, b % 32);
             *byte = q[64 * pair + o] | (q[64 * pair + 32 + o] << 4);
         }
-        let mut out = BlockQ4K::zeros();
-        cast_mut::<_, Q4K>(std::slice::from_mut(&mut out))[0] = x;
-        out
+        block_from(x)
     }
 }
 
@@ -254,10 +285,7 @@ unsafe fn q4kx16_rows<const R: usize>(xs: &[Q4KX16], ys: [&[Q8K]; R], out: &mut 
             acc[r] = _mm512_fmadd_ps(part, _mm512_set1_ps(y.d), acc[r]);
         }
     }
-    for r in 0..R {
-        // SAFETY: out[r] is 16 floats.
-        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-    }
+    store_rows(&acc, out);
 }
 
 /// One Q6_K block of sixteen consecutive output columns, interleaved. Per sixteen-weight run `g` (one
@@ -359,9 +387,7 @@ impl GroupRows for Q6KX16 {
                     (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
             }
         }
-        let mut out = BlockQ6K::zeros();
-        cast_mut::<_, Q6K>(std::slice::from_mut(&mut out))[0] = x;
-        vec![out]
+        vec![block_from(x)]
     }
 
     fn dot_group(w: &[Self], ys: &[&[BlockQ8K]], out: &mut [[f32; GROUP]]) {
@@ -445,10 +471,7 @@ unsafe fn q6kx16_rows<const R: usize>(xs: &[Q6KX16], ys: [&[Q8K]; R], out: &mut 
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), scale, acc[r]);
         }
     }
-    for r in 0..R {
-        // SAFETY: out[r] is 16 floats.
-        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-    }
+    store_rows(&acc, out);
 }
 
 /// Two Q8_0 blocks (64 weights along k) of sixteen consecutive output columns, interleaved: `qs[h][i]`,
@@ -492,9 +515,7 @@ impl GroupRows for Q8_0X16 {
                     d: self.d[h][c],
                     qs: std::array::from_fn(|v| self.qs[h][v / 4][4 * c + v % 4]),
                 };
-                let mut out = BlockQ8_0::zeros();
-                cast_mut::<_, Q80>(std::slice::from_mut(&mut out))[0] = x;
-                out
+                block_from(x)
             })
             .collect()
     }
@@ -570,10 +591,7 @@ unsafe fn q8_0x16_rows<const R: usize>(xs: &[Q8_0X16], ys: [&[Q80]; R], out: &mu
             signed_block_rows(&w, dv, &ys, 2 * u + h, &mut acc);
         }
     }
-    for r in 0..R {
-        // SAFETY: out[r] is 16 floats.
-        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-    }
+    store_rows(&acc, out);
 }
 
 /// One Q4_1 block (32 weights along k) of sixteen consecutive output columns, interleaved: `qs[j]`,
@@ -605,12 +623,7 @@ impl GroupRows for Q4_1X16 {
             out.d[c] = x.d;
             out.m[c] = x.m;
             for v in 0..32 {
-                // ggml: weight v < 16 is the low nibble of byte v, weight 16 + v the high one.
-                let q = if v < 16 {
-                    x.qs[v] & 0xf
-                } else {
-                    x.qs[v - 16] >> 4
-                };
+                let q = nibble32(&x.qs, v);
                 let (j, e, high) = run_slot(v);
                 out.qs[j][4 * c + e] |= if high { q << 4 } else { q };
             }
@@ -628,11 +641,9 @@ impl GroupRows for Q4_1X16 {
             let (j, e, high) = run_slot(v);
             let byte = self.qs[j][4 * c + e];
             let q = if high { byte >> 4 } else { byte & 0xf };
-            x.qs[v % 16] |= if v < 16 { q } else { q << 4 };
+            set_nibble32(&mut x.qs, v, q);
         }
-        let mut out = BlockQ4_1::zeros();
-        cast_mut::<_, Q41>(std::slice::from_mut(&mut out))[0] = x;
-        vec![out]
+        vec![block_from(x)]
     }
 
     fn dot_group(w: &[Self], ys: &[&[BlockQ8_1]], out: &mut [[f32; GROUP]]) {
@@ -683,10 +694,7 @@ unsafe fn q4_1x16_rows<const R: usize>(xs: &[Q4_1X16], ys: [&[Q81]; R], out: &mu
             acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(f16_to_f32(y.s)), acc[r]);
         }
     }
-    for r in 0..R {
-        // SAFETY: out[r] is 16 floats.
-        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-    }
+    store_rows(&acc, out);
 }
 
 /// Two Q5_0 blocks (64 weights along k) of sixteen consecutive output columns, interleaved: per block
@@ -706,14 +714,7 @@ const _: () = assert!(std::mem::size_of::<Q5_0X16>() == 704);
 /// The 32 weights of a Q5_0 block as unsigned 5-bit values (before the `- 16`).
 fn q5_0_values(x: &Q50) -> [u8; 32] {
     let qh = u32::from_le_bytes(x.qh);
-    std::array::from_fn(|v| {
-        let nib = if v < 16 {
-            x.qs[v] & 0xf
-        } else {
-            x.qs[v - 16] >> 4
-        };
-        nib | ((((qh >> v) & 1) as u8) << 4)
-    })
+    std::array::from_fn(|v| nibble32(&x.qs, v) | ((((qh >> v) & 1) as u8) << 4))
 }
 
 impl GroupRows for Q5_0X16 {
@@ -754,13 +755,11 @@ impl GroupRows for Q5_0X16 {
                     let (j, e, high) = run_slot(v);
                     let byte = self.qs[h][j][4 * c + e];
                     let nib = if high { byte >> 4 } else { byte & 0xf };
-                    x.qs[v % 16] |= if v < 16 { nib } else { nib << 4 };
+                    set_nibble32(&mut x.qs, v, nib);
                     qh |= (((self.qh[h][4 * c + v % 4] >> (v / 4)) & 1) as u32) << v;
                 }
                 x.qh = qh.to_le_bytes();
-                let mut out = BlockQ5_0::zeros();
-                cast_mut::<_, Q50>(std::slice::from_mut(&mut out))[0] = x;
-                out
+                block_from(x)
             })
             .collect()
     }
@@ -824,8 +823,5 @@ unsafe fn q5_0x16_rows<const R: usize>(xs: &[Q5_0X16], ys: [&[Q80]; R], out: &mu
             signed_block_rows(&w, dv, &ys, 2 * u + h, &mut acc);
         }
     }
-    for r in 0..R {
-        // SAFETY: out[r] is 16 floats.
-        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-    }
+    store_rows(&acc, out);
 }
