@@ -612,7 +612,7 @@ impl LoraTrainer {
 mod tests {
     use super::*;
     use crate::model::LogitsWanted;
-    use crate::testing::{write_tiny_model, TinySpec};
+    use crate::testing::{narrow_traffic, write_tiny_model, TinySpec};
     use crate::{load_gguf, Family};
 
     fn tiny(dir: &std::path::Path, seed: u64, layers: usize, float: bool) -> Model {
@@ -638,21 +638,9 @@ mod tests {
     /// Narrow "traffic": variations (two tokens changed) of six fixed sequences, with the target's
     /// top-16 at every position.
     fn samples(target: &Model, seqs: std::ops::Range<u64>) -> Vec<SeqSample> {
-        use rand::{Rng, SeedableRng};
         let vocab = target.config().vocab as u32;
-        let templates: Vec<Vec<u32>> = (0..6u64)
-            .map(|t| {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1_000_000 + t);
-                (0..24).map(|_| rng.random_range(0..vocab)).collect()
-            })
-            .collect();
         seqs.map(|s| {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
-            let mut tokens = templates[(s % 6) as usize].clone();
-            for _ in 0..2 {
-                let at = rng.random_range(0..tokens.len());
-                tokens[at] = rng.random_range(0..vocab);
-            }
+            let tokens = narrow_traffic(vocab, s);
             let logits = target
                 .forward(&mut target.new_cache(), &tokens, LogitsWanted::All)
                 .unwrap();

@@ -291,3 +291,22 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), EngineError>
             cause,
         })
 }
+
+/// Sequence `s` of a narrow "traffic" over `vocab` tokens, as a service's queries share their domain:
+/// one of six fixed 24-token sequences (`s % 6`) with two tokens changed at random (seeded by `s`).
+/// For the trainers' unit tests (`rand` is a dev-dependency).
+#[cfg(test)]
+pub(crate) fn narrow_traffic(vocab: u32, s: u64) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let template = |t: u64| -> Vec<u32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1_000_000 + t);
+        (0..24).map(|_| rng.random_range(0..vocab)).collect()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
+    let mut tokens = template(s % 6);
+    for _ in 0..2 {
+        let at = rng.random_range(0..tokens.len());
+        tokens[at] = rng.random_range(0..vocab);
+    }
+    tokens
+}
