@@ -13,9 +13,10 @@
 //! accumulators and sees the same operations whatever the row count, and a matrix's column groups are
 //! fixed by column index alone (a column's group and lane never depend on the rows).
 //!
-//! No software prefetch: a matrix is one forward stream, which the hardware prefetchers follow; the
-//! one-column kernels' prefetch 8 KiB ahead made the Q6_K head of Qwen 1.5B (191 MB, past the L3
-//! cache) 20-30% slower here (AMD EPYC, one row: 8.0-9.0 ms with, 6.4-6.8 without).
+//! Software prefetch only with several rows ([`prefetch_unit`]): one row is a forward stream the
+//! hardware prefetchers follow (asking ahead made the Q6_K head of Qwen 1.5B, 191 MB, past the L3
+//! cache, 20-40% slower for one row), while several rows multiply long enough per cache line that the
+//! stream stalls without help.
 //!
 //! Integer sums are exact, so only the float steps fix the rounding: one fused step per row and block, in
 //! block order. Results match candle's `vec_dot` within float rounding (the tests check the bound and
@@ -25,6 +26,28 @@ use super::*;
 
 /// Output columns per group (one per 32-bit lane of a 512-bit vector).
 pub const GROUP: usize = 16;
+
+/// How far ahead of the unit being multiplied a kernel of several rows asks for weights (bytes).
+const PREFETCH_AHEAD: usize = 4096;
+
+/// With several rows the kernels are compute-bound: left to the hardware prefetchers, the weight
+/// stream stalls while they multiply (AMD EPYC, Qwen 1.5B's layers from memory, best of 5 passes,
+/// 5 rows: 62-71 ms without, 49-54 with; 8 rows: 84-92 and 63-77). One row keeps its pace without help,
+/// and asking ahead slowed the 191 MB head for one row (4.2-6.6 ms without, 6.1-8.4 with), so one row
+/// does not prefetch. A unit's lines are asked for in `parts` steps spread over its multiplies (this
+/// is part `part`), [`PREFETCH_AHEAD`] bytes ahead.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_part<const R: usize, T>(unit: &T, part: usize, parts: usize) {
+    if R > 1 {
+        let lines = std::mem::size_of::<T>().div_ceil(64);
+        let p = (unit as *const T).cast::<i8>().wrapping_add(PREFETCH_AHEAD);
+        for line in part * lines / parts..(part + 1) * lines / parts {
+            // SAFETY: a prefetch is a hint and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line)) };
+        }
+    }
+}
 
 /// One Q4_K block (256 weights along k) of sixteen consecutive output columns, interleaved. Per
 /// sixteen-weight run `g` (sub-block `g / 2`, half `g % 2`), `qs[g]` is two vectors: lane `c` of the
@@ -230,6 +253,7 @@ unsafe fn q4kx16_rows<const R: usize>(xs: &[Q4KX16], ys: [&[Q8K]; R], out: &mut 
                 _mm_loadu_si128(x.scales[s].as_ptr() as *const __m128i)
             });
             for h in 0..2 {
+                prefetch_part::<R, _>(x, 2 * s + h, 16);
                 let run = x.qs[2 * s + h].as_ptr();
                 // SAFETY: a run is 128 bytes, two aligned vectors.
                 let (lo, hi) = unsafe {
@@ -423,6 +447,7 @@ unsafe fn q6kx16_rows<const R: usize>(xs: &[Q6KX16], ys: [&[Q8K]; R], out: &mut 
         });
         let mut blk = [_mm512_setzero_si512(); R];
         for (g, Q6Run { ql, qh }) in x.runs.iter().enumerate() {
+            prefetch_part::<R, _>(x, g, 16);
             let p = pairs[g / 2];
             let sc = if g % 2 == 0 {
                 _mm512_srai_epi32(_mm512_slli_epi32(p, 16), 16)
@@ -582,6 +607,7 @@ unsafe fn q8_0x16_rows<const R: usize>(xs: &[Q8_0X16], ys: [&[Q80]; R], out: &mu
     let mut acc = [_mm512_setzero_ps(); R];
     for (u, x) in xs.iter().enumerate() {
         for h in 0..2 {
+            prefetch_part::<R, _>(x, h, 2);
             // SAFETY: aligned 64-byte vectors within the unit; 16 f16.
             let w: [__m512i; 8] = std::array::from_fn(|i| unsafe {
                 _mm512_load_si512(x.qs[h][i].as_ptr() as *const _)
@@ -662,6 +688,7 @@ unsafe fn q4_1x16_rows<const R: usize>(xs: &[Q4_1X16], ys: [&[Q81]; R], out: &mu
     let m4 = _mm512_set1_epi8(0xF);
     let mut acc = [_mm512_setzero_ps(); R];
     for (b, x) in xs.iter().enumerate() {
+        prefetch_part::<R, _>(x, 0, 1);
         let mut w = [_mm512_setzero_si512(); 8];
         for (j, v) in x.qs.iter().enumerate() {
             // SAFETY: aligned 64-byte vectors within the block.
@@ -789,6 +816,7 @@ unsafe fn q5_0x16_rows<const R: usize>(xs: &[Q5_0X16], ys: [&[Q80]; R], out: &mu
     let mut acc = [_mm512_setzero_ps(); R];
     for (u, x) in xs.iter().enumerate() {
         for h in 0..2 {
+            prefetch_part::<R, _>(x, h, 2);
             // SAFETY: aligned 64-byte vectors within the unit; 16 f16.
             let (top, dv) = unsafe {
                 (
