@@ -89,18 +89,16 @@ fn stream(w: &specd_engine::model::Weights) {
     );
     println!("    m        ms  x m=1   GB/s  GMAC/s");
     let mut one = 0.0;
-    for i in 0..ROWS.len() {
+    for (i, m) in ROWS.iter().enumerate() {
         let best = (0..5).map(|_| pass(i)).fold(f64::INFINITY, f64::min);
         if i == 0 {
             one = best;
         }
         println!(
-            "{:>5} {:>9.2} {:>6.2} {:>6.1} {:>7.0}",
-            ROWS[i],
-            best,
+            "{m:>5} {best:>9.2} {:>6.2} {:>6.1} {:>7.0}",
             best / one,
             bytes as f64 / (best * 1e6),
-            (ROWS[i] * macs) as f64 / (best * 1e6)
+            (m * macs) as f64 / (best * 1e6)
         );
     }
 }
