@@ -53,14 +53,27 @@ pub struct BenchKernelsArgs {
     #[arg(long, default_value_t = 128)]
     pub decode: usize,
     /// Sequence counts of the batched-decode figure (comma-separated; empty skips it).
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
-    pub batch: Vec<usize>,
+    #[arg(long, default_value = "1,4,8,16", value_parser = parse_counts)]
+    pub batch: Counts,
     /// Worker threads for the kernels (default: all cores).
     #[arg(long, env = "SPECD_THREADS")]
     pub threads: Option<usize>,
     /// Print one JSON document instead of the tables.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A comma-separated list of counts; the empty string is the empty list.
+#[derive(Debug, Clone)]
+pub struct Counts(pub Vec<usize>);
+
+fn parse_counts(s: &str) -> Result<Counts, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse().map_err(|e| format!("{c:?}: {e}")))
+        .collect::<Result<_, _>>()
+        .map(Counts)
 }
 
 #[derive(Debug, Serialize)]
@@ -113,7 +126,7 @@ pub fn run(args: BenchKernelsArgs) -> anyhow::Result<()> {
     if args.rows == 0 || args.reps == 0 {
         bail!("--rows and --reps must be at least 1");
     }
-    if args.batch.contains(&0) {
+    if args.batch.0.contains(&0) {
         bail!("--batch counts must be at least 1");
     }
     init_threads(args.threads)?;
@@ -251,7 +264,7 @@ fn measure(file: &Path, args: &BenchKernelsArgs) -> anyhow::Result<ModelReport> 
 
     // B sequences, each with a 64-token prompt, decoding 32 tokens together (llama-batched-bench -npp 64).
     let mut batched: Vec<BatchPoint> = Vec::new();
-    for &b in &args.batch {
+    for &b in &args.batch.0 {
         let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
         for (i, c) in caches.iter_mut().enumerate() {
             model.forward(c, &tokens(64, 4000 + i as u32, vocab), LogitsWanted::None)?;
