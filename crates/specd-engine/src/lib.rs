@@ -24,6 +24,7 @@
 //! on, when, and what to publish); those live in the services.
 
 pub mod adapter;
+mod attention;
 pub mod config;
 pub mod drafter;
 pub mod error;

@@ -17,9 +17,8 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 pub use crate::adapter::ExitAdapter;
+use crate::attention::attention;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::error::EngineError;
 use crate::kv::KvCache;
@@ -614,96 +613,6 @@ fn interleave_rows(parts: &[Vec<f32>], rows: usize) -> Vec<f32> {
         for p in parts {
             let n = p.len() / rows;
             out.extend_from_slice(&p[r * n..(r + 1) * n]);
-        }
-    }
-    out
-}
-
-/// Query rows of one sequence and head handled together, so each key and value is loaded once for all of
-/// them (long prefills are otherwise bound by re-reading the cache per row).
-const ATTN_BLOCK: usize = 16;
-
-/// Attention of every row against its own sequence's cache (positions `0..=pos`). Work items are (block of
-/// up to `ATTN_BLOCK` consecutive rows of one sequence, head). Per row the arithmetic is exactly that of a
-/// row alone: the same dot product per key, softmax over keys in order, values accumulated in key order;
-/// blocking only changes which loads are shared. Returns `rows x q_dim`.
-fn attention(
-    cfg: &ModelConfig,
-    layer: usize,
-    rows: &[(usize, usize)],
-    q: &[f32],
-    batch: &[SeqInput<'_>],
-    qd: usize,
-) -> Vec<f32> {
-    let hd = cfg.head_dim;
-    let group = cfg.heads / cfg.kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    // Row blocks never straddle two sequences.
-    let mut blocks = Vec::new();
-    let mut r = 0;
-    while r < rows.len() {
-        let mut e = r + 1;
-        while e < rows.len() && e - r < ATTN_BLOCK && rows[e].0 == rows[r].0 {
-            e += 1;
-        }
-        blocks.push((r, e));
-        r = e;
-    }
-    let items: Vec<(usize, usize)> = blocks
-        .iter()
-        .flat_map(|&b| (0..cfg.heads).map(move |h| (b.0 * cfg.heads + h, b.1)))
-        .collect();
-    let results: Vec<Vec<f32>> = items
-        .par_iter()
-        .map(|&(key, r1)| {
-            let (r0, h) = (key / cfg.heads, key % cfg.heads);
-            let n = r1 - r0;
-            let (si, last) = rows[r1 - 1];
-            let (keys, values) = batch[si].cache.head(layer, h / group, last + 1);
-            let q_of = |b: usize| &q[(r0 + b) * qd + h * hd..(r0 + b) * qd + (h + 1) * hd];
-            let pos = |b: usize| rows[r0 + b].1;
-            // Scores, row-major: row b holds pos(b) + 1 entries.
-            let mut scores: Vec<Vec<f32>> =
-                (0..n).map(|b| Vec::with_capacity(pos(b) + 1)).collect();
-            for j in 0..=last {
-                let kj = &keys[j * hd..(j + 1) * hd];
-                for (b, sc) in scores.iter_mut().enumerate() {
-                    if j <= pos(b) {
-                        sc.push(dot_f32(q_of(b), kj) * scale);
-                    }
-                }
-            }
-            let mut inv = vec![0f32; n];
-            for (b, sc) in scores.iter_mut().enumerate() {
-                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut sum = 0f32;
-                for s in sc.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                inv[b] = 1.0 / sum;
-            }
-            let mut out = vec![0f32; n * hd];
-            for j in 0..=last {
-                let vj = &values[j * hd..(j + 1) * hd];
-                for (b, dst) in out.chunks_exact_mut(hd).enumerate() {
-                    if j <= pos(b) {
-                        let w = scores[b][j] * inv[b];
-                        for (o, &vv) in dst.iter_mut().zip(vj) {
-                            *o += w * vv;
-                        }
-                    }
-                }
-            }
-            out
-        })
-        .collect();
-    let mut out = vec![0f32; rows.len() * qd];
-    for (&(key, _), res) in items.iter().zip(results) {
-        let (r0, h) = (key / cfg.heads, key % cfg.heads);
-        for (b, src) in res.chunks_exact(hd).enumerate() {
-            let at = (r0 + b) * qd + h * hd;
-            out[at..at + hd].copy_from_slice(src);
         }
     }
     out
