@@ -291,10 +291,15 @@ pub fn run(args: DemoOsdArgs) -> anyhow::Result<()> {
         "--http-addr",
         &format!("127.0.0.1:{http}"),
         "--trainer",
-        // Every sequence captured; at a demo's scale, one sample in 3 held out and an evaluation
-        // (a chance to publish) every 5 steps.
+        // Every sequence captured, its last 256 prompt positions too: at a demo's scale the verified
+        // positions alone starve the trainer (Qwen pair, one run each: 45 steps in the whole demo and
+        // held-out expected acceptance ~0.10 at its end, against 115+ steps and ~0.21 with prompt
+        // positions, whose held-out slice holds prompt positions too). One sample in 3 held out and an
+        // evaluation (a chance to publish) every 5 steps.
         "--sample-rate",
         "1",
+        "--sample-prompt-positions",
+        "256",
         "--eval-every",
         "3",
         "--eval-steps",

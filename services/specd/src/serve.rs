@@ -106,6 +106,10 @@ pub struct SampleArgs {
     /// Captured samples waiting to be sent, at most; beyond it they are dropped and counted.
     #[arg(long, env = "SPECD_SAMPLE_QUEUE", default_value_t = 256)]
     pub sample_queue: usize,
+    /// Prompt positions captured per sampled sequence as well (the last ones of its prompt, read off
+    /// the prefill: the target's distribution over the request's own text); 0: verified positions only.
+    #[arg(long, env = "SPECD_SAMPLE_PROMPT_POSITIONS", default_value_t = 0)]
+    pub sample_prompt_positions: usize,
 }
 
 impl SampleArgs {
@@ -120,6 +124,7 @@ impl SampleArgs {
             rate: self.sample_rate,
             width: self.sample_width,
             queue: self.sample_queue.max(1),
+            prompt_positions: self.sample_prompt_positions,
             ..SampleConfig::default()
         })
     }

@@ -3,8 +3,12 @@
 //! For a `--sample-rate` fraction of the sequences whose Open allows it, the engine thread records at
 //! every verified position it used (each accepted draft, then the rejected or bonus position) the
 //! target's top-w distribution at temperature 1 with its tail mass, the drafted token, whether it was
-//! rejected, and the drafter's kind and version. Positions are batched per sequence into one
-//! `DistillSample` (flushed every `flush_positions` positions and when the sequence ends).
+//! rejected, and the drafter's kind and version. With `prompt_positions` above 0 it also records the
+//! target's distribution at the last that many prompt positions, read off the prefill (teacher forcing
+//! on the request's own text: undrafted positions, which teach every drafter kind the traffic's
+//! domain); they wait for the sequence's first step, which names its drafter. Positions are batched
+//! per sequence into one `DistillSample` (flushed every `flush_positions` positions and when the
+//! sequence ends).
 //!
 //! Serving never waits on training: the engine hands samples over with `try_send` on a bounded queue,
 //! and the sender forwards them with `try_send` on a bounded stream to the trainer that leads the
@@ -36,6 +40,8 @@ pub struct SampleConfig {
     pub queue: usize,
     /// Positions per sample before a sequence's buffer is flushed.
     pub flush_positions: usize,
+    /// Prompt positions captured per sampled sequence, the last ones of its prompt (0: none).
+    pub prompt_positions: usize,
 }
 
 impl Default for SampleConfig {
@@ -45,6 +51,7 @@ impl Default for SampleConfig {
             width: 32,
             queue: 256,
             flush_positions: 64,
+            prompt_positions: 0,
         }
     }
 }
@@ -100,6 +107,40 @@ impl SampleSink {
         (on && rand::random::<f64>() < self.cfg.rate).then(Capture::default)
     }
 
+    /// How many of the last rows of a prefill chunk feeding `tokens[from..from + n]` of a `prompt_len`
+    /// token prompt are captured prompt positions (row j predicts the token after `from + j + 1`).
+    pub fn prompt_rows(&self, prompt_len: usize, from: usize, n: usize) -> usize {
+        // Prefixes 1..=prompt_len - 1 are prompt positions (the last prompt token is fed by the first
+        // step, whose first row is the first generated position); the window is their last ones.
+        let window = prompt_len.saturating_sub(self.cfg.prompt_positions).max(1);
+        (from + n + 1).saturating_sub(window.max(from + 1)).min(n)
+    }
+
+    /// Records prompt positions read off a prefill chunk: `rows[j]` holds the target's logits after
+    /// the first `first + j` tokens of `prompt`. Nothing is flushed: the sequence's drafter is not known
+    /// until its first step.
+    pub fn prompt(&self, cap: &mut Capture, prompt: &[u32], first: usize, rows: &[&[f32]]) {
+        let t0 = Instant::now();
+        for (j, row) in rows.iter().enumerate() {
+            let prefix = first + j;
+            if prefix == 0 || prefix >= prompt.len() {
+                continue;
+            }
+            let Ok(t) = TopTarget::from_logits(row, self.cfg.width) else {
+                self.stats.drop_one("bad_logits");
+                continue;
+            };
+            let (ids, probs, tail) = t.into_parts();
+            cap.positions.push(prefix as u32);
+            cap.tail.push(tail as f32);
+            cap.target.push(pb::SparseDist { ids, probs });
+            cap.drafted.push(false);
+            cap.draft_ids.push(0);
+            cap.rejected.push(false);
+        }
+        metrics::histogram!("specd_distill_capture_seconds").record(t0.elapsed().as_secs_f64());
+    }
+
     /// Records the positions one verify step used and flushes when due. `tokens` is the sequence with
     /// this step's drafts appended after its first `context_len` tokens; `rows[j]` holds the target's
     /// logits after `context_len + j` tokens, for j up to `accepted` (the last is the rejected or
@@ -117,10 +158,12 @@ impl SampleSink {
     ) {
         let t0 = Instant::now();
         let (kind, version) = drafter;
-        if !cap.positions.is_empty() && (cap.kind != kind || cap.version != version) {
-            // One sample, one drafter: a drafter change mid-sequence starts a new sample.
+        if cap.named && !cap.positions.is_empty() && (cap.kind != kind || cap.version != version) {
+            // One sample, one drafter: a drafter change mid-sequence starts a new sample (prompt
+            // positions, captured before any step, go with the first drafter).
             self.flush(cap, &tokens[..context_len]);
         }
+        cap.named = true;
         for (j, row) in rows.iter().enumerate().take(accepted + 1) {
             let Ok(t) = TopTarget::from_logits(row, self.cfg.width) else {
                 self.stats.drop_one("bad_logits");
@@ -186,6 +229,8 @@ pub struct Capture {
     draft_ids: Vec<u32>,
     kind: String,
     version: String,
+    /// Whether a step has named the sequence's drafter (`kind`, `version`).
+    named: bool,
 }
 
 /// How often the sender looks up trainers when it has none.

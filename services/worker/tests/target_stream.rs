@@ -318,6 +318,24 @@ fn step(keep: usize, append: Vec<u32>, drafts: Vec<u32>, kind: &str) -> pb::Veri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verified_positions_reach_the_trainer_as_distillation_samples() {
+    captured_positions_reach_the_trainer(0, BatchLimits::default()).await;
+}
+
+/// With prompt positions on, the last ones of the prompt (read off a prefill fed in chunks of two, so
+/// the window starts inside a chunk) come first in the first sample, undrafted, under the drafter the
+/// first step names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_positions_read_off_the_prefill_lead_the_first_sample() {
+    let limits = BatchLimits {
+        prefill_chunk: 2,
+        ..BatchLimits::default()
+    };
+    captured_positions_reach_the_trainer(3, limits).await;
+    // More prompt positions than the prompt has: all of them, from the first prefix.
+    captured_positions_reach_the_trainer(64, limits).await;
+}
+
+async fn captured_positions_reach_the_trainer(prompt_positions: usize, limits: BatchLimits) {
     use specd_proto::internal::v1::trainer_server::TrainerServer;
     // The trainer, registered in the store the sender reads.
     let trainer = MockTrainer::default();
@@ -340,6 +358,7 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
         width: 8,
         queue: 16,
         flush_positions: 3,
+        prompt_positions,
     };
     let (sink, rx, stats) = SampleSink::new(cfg, "tiny".into());
     tokio::spawn(run_sender(
@@ -354,7 +373,7 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
         stats.trainer.load(std::sync::atomic::Ordering::Relaxed)
     })
     .await;
-    let (_svc, addr, dir) = serve_with(BatchLimits::default(), Some(sink)).await;
+    let (_svc, addr, dir) = serve_with(limits, Some(sink)).await;
     let model = load_gguf(&dir.path().join("tiny.gguf"))
         .expect("load")
         .model;
@@ -376,6 +395,10 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
         seq.push(t);
     }
     let wrong = (seq[n + 2] + 1) % 200;
+    // Prefixes 1..n - 1 are prompt positions; the last `prompt_positions` of them are captured.
+    let prompt_pos: Vec<u32> =
+        (n.saturating_sub(prompt_positions).max(1) as u32..n as u32).collect();
+    let p = prompt_pos.len();
 
     let (tx, mut answers) = open_allowing_samples(&addr, prompt.clone()).await;
     // Two drafts accepted, the third rejected (the target answers seq[n + 2]).
@@ -404,10 +427,19 @@ async fn verified_positions_reach_the_trainer_as_distillation_samples() {
         (a.drafter_kind.as_str(), a.drafter_version.as_str()),
         ("model", "7")
     );
-    assert_eq!(a.positions, vec![n as u32, n as u32 + 1, n as u32 + 2]);
-    assert_eq!(a.rejected, vec![false, false, true]);
-    assert_eq!(a.drafted, vec![true, true, true]);
-    assert_eq!(a.draft_ids, vec![seq[n], seq[n + 1], wrong]);
+    let mut want = prompt_pos.clone();
+    want.extend([n as u32, n as u32 + 1, n as u32 + 2]);
+    assert_eq!(a.positions, want);
+    let undrafted = vec![false; p];
+    assert_eq!(
+        a.rejected,
+        [undrafted.clone(), vec![false, false, true]].concat()
+    );
+    assert_eq!(a.drafted, [undrafted, vec![true, true, true]].concat());
+    assert_eq!(
+        a.draft_ids,
+        [vec![0; p], vec![seq[n], seq[n + 1], wrong]].concat()
+    );
     assert_eq!(a.context_ids, seq[..n + 2].to_vec());
     assert_eq!(b.positions, vec![n as u32 + 3]);
     assert_eq!(

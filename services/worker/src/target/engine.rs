@@ -1,11 +1,9 @@
-//! The target worker: the target model behind the `Target.Verify` stream, with verification batched
-//! across sequences.
-//!
-//! One engine thread owns the model and every sequence's KV cache. Stream handlers (async tasks, one per
-//! sequence) send it commands; it takes everything that is waiting, runs ONE `forward_batch` over all the
-//! sequences' new tokens (prefills and verify steps together), applies the rejection rule per sequence
-//! with that sequence's own sampler, and answers each handler. The forward pass is batch-invariant, so a
-//! sequence's logits (and so its greedy output) do not depend on what it was batched with.
+//! The target worker's engine thread: it owns the model and every sequence's KV cache, takes what the
+//! stream handlers sent, runs ONE `forward_batch` over all the sequences' new tokens (prefill chunks and
+//! verify steps together), applies the rejection rule per sequence with that sequence's own sampler,
+//! captures distillation samples of the sampled sequences, and answers each handler. The forward pass is
+//! batch-invariant, so a sequence's logits (and so its greedy output) do not depend on what it was
+//! batched with.
 //!
 //! Sequence bookkeeping follows `proto/specd/internal/v1/worker.proto`: the KV cache holds every context
 //! token but the last; a step truncates to `keep_len`, appends `append_ids`, then feeds the tokens the
@@ -20,18 +18,13 @@ use specd_core::{verify, verify_greedy, RowCostModel, Sampler, SamplingParams, S
 use specd_engine::speculate::top_ids;
 use specd_engine::{KvCache, LogitsWanted, Model, SeqInput};
 use specd_proto::internal::v1 as pb;
-use specd_proto::internal::v1::target_server::Target;
 use specd_service::Drain;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
+use tokio::sync::{oneshot, watch};
+use tonic::Status;
 
 use crate::convert::{self, MAX_FEEDBACK_WIDTH};
 use crate::samples::{Capture, SampleSink};
-use crate::slots::{Slot, Slots};
-use crate::stream::{Duplex, DEFAULT_STREAM_IDLE};
-use crate::WorkerIdentity;
+use crate::stream::DEFAULT_STREAM_IDLE;
 
 /// Most new tokens one batched forward takes; further commands wait for the next batch.
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
@@ -40,9 +33,9 @@ pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 /// worth of compute rather than by the whole prompt's.
 pub const DEFAULT_PREFILL_CHUNK: usize = 128;
 
-type Reply<T> = oneshot::Sender<Result<T, Status>>;
+pub(super) type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
-enum Cmd {
+pub(super) enum Cmd {
     Open {
         seq: u64,
         prompt: Vec<u32>,
@@ -137,15 +130,15 @@ enum Job {
 
 /// What the engine thread counts for the service to read.
 #[derive(Clone, Default)]
-struct EngineCounters {
+pub(super) struct EngineCounters {
     /// Prompt tokens prefilled since start.
-    prefilled: Arc<AtomicU64>,
+    pub(super) prefilled: Arc<AtomicU64>,
     /// Sequences whose cache the engine holds (open or being prefilled), updated after every batch.
-    held: Arc<AtomicU64>,
+    pub(super) held: Arc<AtomicU64>,
 }
 
 /// Owns the model and the sequences; runs on its own thread.
-struct Engine {
+pub(super) struct Engine {
     model: Model,
     seqs: HashMap<u64, Seq>,
     max_batch_tokens: usize,
@@ -162,7 +155,7 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(
+    pub(super) fn new(
         model: Model,
         limits: BatchLimits,
         counters: EngineCounters,
@@ -182,7 +175,7 @@ impl Engine {
         }
     }
 
-    fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
+    pub(super) fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
         let mut carry: Option<Cmd> = None;
         loop {
             let mut cmds = Vec::new();
@@ -347,16 +340,30 @@ impl Engine {
     }
 
     fn forward(&mut self, mut work: Vec<Work>, t0: Instant) {
+        let samples = &self.samples;
         let result = {
             let mut inputs: Vec<SeqInput<'_>> = work
                 .iter_mut()
-                .map(|w| SeqInput {
-                    cache: &mut w.seq.cache,
-                    tokens: &w.feed,
-                    wanted: match &w.job {
-                        Job::Prefill(..) => LogitsWanted::None,
+                .map(|w| {
+                    let wanted = match &w.job {
+                        // A captured sequence's prompt positions, where the chunk reaches them.
+                        Job::Prefill(..) => match (samples, &w.seq.capture) {
+                            (Some(sink), Some(_)) => {
+                                let from = w.seq.cache.len();
+                                match sink.prompt_rows(w.seq.tokens.len(), from, w.feed.len()) {
+                                    0 => LogitsWanted::None,
+                                    k => LogitsWanted::Tail(k),
+                                }
+                            }
+                            _ => LogitsWanted::None,
+                        },
                         Job::Step { drafts, .. } => LogitsWanted::Tail(drafts.len() + 1),
-                    },
+                    };
+                    SeqInput {
+                        cache: &mut w.seq.cache,
+                        tokens: &w.feed,
+                        wanted,
+                    }
                 })
                 .collect();
             self.model.forward_batch(&mut inputs)
@@ -415,6 +422,12 @@ impl Engine {
             } = w;
             match job {
                 Job::Prefill(progress, reply) => {
+                    if let (Some(sink), Some(cap)) = (&self.samples, seq.capture.as_mut()) {
+                        let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
+                        // The chunk ends at prefix `cache.len()`; its captured rows are the last.
+                        let first = seq.cache.len() + 1 - rows.len();
+                        sink.prompt(cap, &seq.tokens, first, &rows);
+                    }
                     self.counters
                         .prefilled
                         .fetch_add(feed.len() as u64, Ordering::Relaxed);
@@ -593,258 +606,13 @@ fn decide(
     })
 }
 
-/// The `Target` gRPC service.
-#[derive(Clone)]
-pub struct TargetService {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    engine: std_mpsc::Sender<Cmd>,
-    identity: WorkerIdentity,
-    slots: Slots,
-    next_seq: AtomicU64,
-    counters: EngineCounters,
-    stream_idle: Duration,
-}
-
-/// Least time between two progress reports of one prefill.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
-
-/// Frees a sequence on the engine thread when its stream ends, however it ends.
-struct SeqGuard {
-    inner: Arc<Inner>,
-    seq: u64,
-    _slot: Slot,
-}
-
-impl Drop for SeqGuard {
-    fn drop(&mut self) {
-        let _ = self.inner.engine.send(Cmd::Close { seq: self.seq });
-    }
-}
-
-impl TargetService {
-    /// Starts the engine thread over `model`.
-    pub fn start(
-        model: Model,
-        identity: WorkerIdentity,
-        capacity: u32,
-        limits: BatchLimits,
-        samples: Option<SampleSink>,
-        drain: Drain,
-    ) -> anyhow::Result<Self> {
-        let (tx, rx) = std_mpsc::channel();
-        let counters = EngineCounters::default();
-        let engine = Engine::new(model, limits, counters.clone(), samples, drain.clone());
-        let stop = drain.clone();
-        std::thread::Builder::new()
-            .name("specd-target-engine".into())
-            .spawn(move || {
-                // A panic here is a bug; the sequences' state cannot be trusted after it. Leave
-                // placement (the worker drains and exits, its routers re-prefill elsewhere) rather
-                // than stay registered answering UNAVAILABLE.
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(rx)));
-                if run.is_err() {
-                    tracing::error!("target engine thread panicked; shutting the worker down");
-                    stop.fail();
-                }
-            })?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                engine: tx,
-                identity,
-                slots: match limits.kv_tokens {
-                    Some(kv) => Slots::with_kv_budget("target", capacity, kv, drain),
-                    None => Slots::new("target", capacity, drain),
-                },
-                next_seq: AtomicU64::new(1),
-                counters,
-                stream_idle: limits.stream_idle,
-            }),
-        })
-    }
-
-    /// Sequences open right now.
-    pub fn active(&self) -> u32 {
-        self.inner.slots.active()
-    }
-
-    /// The load to publish for placement: the open sequences, or the share of the KV budget reserved
-    /// (as that many sequences of the capacity) when it is the tighter limit, so routers prefer a
-    /// target with room for the cache as well as a free slot.
-    pub fn load(&self) -> u32 {
-        let slots = &self.inner.slots;
-        let by_kv = slots.kv().map_or(0, |(reserved, budget)| {
-            (reserved.saturating_mul(u64::from(slots.capacity()))).div_ceil(budget.max(1)) as u32
-        });
-        slots.active().max(by_kv)
-    }
-
-    /// KV tokens reserved by the open sequences and the budget (`None`: no budget).
-    pub fn kv(&self) -> Option<(u64, u64)> {
-        self.inner.slots.kv()
-    }
-
-    /// KV tokens a sequence with this prompt and `max_new_tokens` (0: unbounded) reserves.
-    fn kv_need(&self, prompt: usize, max_new: u32) -> u64 {
-        let context = self.inner.identity.context.max(1) as u64;
-        if max_new == 0 {
-            return context;
-        }
-        (prompt as u64 + u64::from(max_new) + u64::from(crate::drafter::MAX_DRAFT_LEN) + 1)
-            .min(context)
-    }
-
-    /// Prompt tokens the engine has prefilled since it started.
-    pub fn prefilled_tokens(&self) -> u64 {
-        self.inner.counters.prefilled.load(Ordering::Relaxed)
-    }
-
-    /// Sequences whose KV cache the engine holds (trails [`Self::active`] by the engine's next batch).
-    pub fn held(&self) -> u32 {
-        self.inner.counters.held.load(Ordering::Relaxed) as u32
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.inner
-            .engine
-            .send(make(tx))
-            .map_err(|_| Status::unavailable("target engine stopped"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("target engine stopped"))?
-    }
-
-    /// Serves one Verify stream to its end.
-    async fn serve_stream(self, mut io: Duplex<pb::VerifyRequest, pb::VerifyResponse>) {
-        use pb::verify_request::Msg;
-        use pb::verify_response::Msg as Out;
-        let wrap = |msg| pb::VerifyResponse { msg: Some(msg) };
-        let Some(open) = io
-            .first("Verify", |r| match r.msg {
-                Some(Msg::Open(open)) => Some(open),
-                _ => None,
-            })
-            .await
-        else {
-            return;
-        };
-        let need = self.kv_need(open.prompt_ids.len(), open.max_new_tokens);
-        let admitted = convert::sampling(open.sampling.as_ref())
-            .and_then(|p| Ok((p, self.inner.slots.admit_kv(need)?)));
-        let (params, slot) = match admitted {
-            Ok(a) => a,
-            Err(s) => {
-                io.answer(Err(s)).await;
-                return;
-            }
-        };
-        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        // Frees the sequence on the engine thread however the stream ends.
-        let _guard = SeqGuard {
-            inner: Arc::clone(&self.inner),
-            seq,
-            _slot: slot,
-        };
-        let prompt = open.prompt_ids;
-        let total = prompt.len() as u32;
-        let (progress, mut progressed) = watch::channel(0u32);
-        let opened = self.call(|reply| Cmd::Open {
-            seq,
-            prompt,
-            params,
-            progress,
-            allow_samples: open.emit_samples,
-            reply,
-        });
-        tokio::pin!(opened);
-        let mut reported = Instant::now();
-        // Wait for the prefill, reporting progress if asked, and give it up (the guard's Close drops it
-        // on the engine thread between chunks) as soon as the router is gone.
-        let opened = loop {
-            tokio::select! {
-                r = &mut opened => break r,
-                changed = progressed.changed(), if open.report_progress => {
-                    if changed.is_err() || reported.elapsed() < PROGRESS_EVERY {
-                        continue;
-                    }
-                    reported = Instant::now();
-                    let p = pb::verify_response::Prefilling {
-                        prefilled: *progressed.borrow_and_update(),
-                        total,
-                    };
-                    if !io.answer(Ok(wrap(Out::Prefilling(p)))).await {
-                        return;
-                    }
-                }
-                _ = io.until_gone() => return,
-            }
-        };
-        if !io.answer(opened.map(|o| wrap(Out::Opened(o)))).await {
-            return;
-        }
-        while let Some(request) = io.next().await {
-            let reply = match request.msg {
-                Some(Msg::Step(step)) => self
-                    .call(|reply| Cmd::Step { seq, step, reply })
-                    .await
-                    .map(|r| wrap(Out::StepResult(r))),
-                Some(Msg::Close(_)) => {
-                    io.answer(Ok(wrap(Out::Closed(pb::verify_response::Closed {}))))
-                        .await;
-                    return;
-                }
-                _ => Err(Status::invalid_argument(
-                    "expected Step or Close on an open Verify stream",
-                )),
-            };
-            if !io.answer(reply).await {
-                return;
-            }
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl Target for TargetService {
-    type VerifyStream = ReceiverStream<Result<pb::VerifyResponse, Status>>;
-
-    async fn verify(
-        &self,
-        request: Request<Streaming<pb::VerifyRequest>>,
-    ) -> Result<Response<Self::VerifyStream>, Status> {
-        let span = tracing::info_span!("target.verify");
-        specd_service::telemetry::extract(request.metadata(), &span);
-        let (tx, rx) = mpsc::channel(2);
-        let io = Duplex::new(request.into_inner(), tx, self.inner.stream_idle);
-        tokio::spawn(self.clone().serve_stream(io).instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-
-    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
-        let slots = &self.inner.slots;
-        let mut info = self.inner.identity.info(
-            specd_coord::Role::Target,
-            slots.capacity(),
-            slots.active(),
-            self.held(),
-            Vec::new(),
-        );
-        if let Some((reserved, budget)) = slots.kv() {
-            info.kv_budget_tokens = budget;
-            info.kv_reserved_tokens = reserved;
-        }
-        Ok(Response::new(info))
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::expect_used)]
 mod tests {
     use super::*;
     use specd_engine::testing::{write_tiny_model, TinySpec};
     use specd_engine::{load_gguf, Family};
+    use tokio::sync::mpsc;
 
     fn greedy_step(keep: usize, append: Vec<u32>) -> pb::verify_request::Step {
         pb::verify_request::Step {
