@@ -951,16 +951,21 @@ async fn all_started(rx: &mut tokio::sync::mpsc::Receiver<()>, n: usize) {
     }
 }
 
-/// The router's `/health` JSON (its own view of the workers).
-fn router_health(http: &str) -> serde_json::Value {
+/// The body of the router's HTTP `GET path`.
+fn router_get(http: &str, path: &str) -> String {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(http).expect("connect");
-    conn.write_all(b"GET /health HTTP/1.0\r\nHost: specd\r\n\r\n")
-        .expect("write");
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: specd\r\n\r\n").expect("write");
     let mut raw = String::new();
     conn.read_to_string(&mut raw).expect("read");
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    raw.split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string()
+}
+
+/// The router's `/health` JSON (its own view of the workers).
+fn router_health(http: &str) -> serde_json::Value {
+    serde_json::from_str(&router_get(http, "/health")).unwrap_or(serde_json::Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1811,6 +1816,24 @@ async fn a_distilled_drafter_is_published_and_hot_swapped_under_traffic_without_
     let key = specd_coord::keys::drafter_current(&model_id(&model), "self");
     let live: specd_coord::DrafterVersion = store.get_record(&key).await.unwrap().expect("record");
     assert!(live.version >= 1 && live.sha256.len() == 64, "{live:?}");
+    // The router's speculation counters are per drafter version: the plain self-drafter's steps and
+    // a swapped-in version's, apart.
+    let metrics = router_get(&c.http, "/metrics");
+    let versions: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("specd_spec_decode_num_draft_tokens_total{")
+                && l.contains("drafter=\"self\"")
+        })
+        .filter_map(|l| l.split("version=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        versions.len() >= 2
+            && versions
+                .iter()
+                .any(|v| v.parse::<u64>().is_ok_and(|v| v >= 1)),
+        "per-version draft counters: {versions:?}\n{metrics}"
+    );
     println!(
         "osd in the cluster: {served} requests, version {} live ({:.3} -> {:.3} held out)",
         live.version, live.gate_live, live.gate_candidate

@@ -473,13 +473,6 @@ impl Router {
         metrics::histogram!("specd_request_generation_tokens").record(n as f64);
         metrics::counter!("specd_prompt_tokens_total").increment(p.gen.prompt_ids.len() as u64);
         metrics::counter!("specd_generation_tokens_total").increment(n as u64);
-        metrics::counter!("specd_spec_decode_num_draft_tokens_total").increment(stats.drafted);
-        metrics::counter!("specd_spec_decode_num_accepted_tokens_total").increment(stats.accepted);
-        metrics::counter!("specd_spec_decode_steps_total").increment(stats.steps);
-        for (pos, &count) in stats.accepted_per_position.iter().enumerate() {
-            metrics::counter!("specd_spec_decode_num_accepted_tokens_per_pos_total", "position" => pos.to_string())
-                .increment(u64::from(count));
-        }
         metrics::counter!("specd_requests_total", "finish" => finish_name(finish)).increment(1);
         Ok(Completed {
             request_id: p.gen.request_id.clone(),

@@ -356,6 +356,7 @@ pub async fn run(
             }
         }
         stats.steps += 1;
+        record_step(drafter.as_ref(), k, accepted);
         let mut emitted = drafts[..accepted].to_vec();
         emitted.push(result.next_token);
         emitted.truncate(req.max_new_tokens - out.len());
@@ -389,6 +390,32 @@ pub async fn run(
         lock(&learned.costs).insert(kind, kc);
     }
     Ok((out, finish, stats))
+}
+
+/// A step's speculation counters, by the sequence's drafter kind and weights version (`none` and empty
+/// without a drafter): a swapped-in version's acceptance reads apart from its parent's, and summed over
+/// the labels they are the cluster's. Recorded per step, so a request that fails midway still counts
+/// what it drafted.
+fn record_step(drafter: Option<&DrafterConn>, k: usize, accepted: usize) {
+    let (kind, version) = drafter.map_or(("none".to_string(), String::new()), |d| {
+        (d.kind.clone(), d.version.clone())
+    });
+    metrics::counter!("specd_spec_decode_steps_total", "drafter" => kind.clone(), "version" => version.clone())
+        .increment(1);
+    // Also when nothing was drafted, so the series exist from a sequence's first step.
+    metrics::counter!("specd_spec_decode_num_draft_tokens_total", "drafter" => kind.clone(), "version" => version.clone())
+        .increment(k as u64);
+    metrics::counter!("specd_spec_decode_num_accepted_tokens_total", "drafter" => kind.clone(), "version" => version.clone())
+        .increment(accepted as u64);
+    for pos in 0..accepted {
+        metrics::counter!(
+            "specd_spec_decode_num_accepted_tokens_per_pos_total",
+            "drafter" => kind.clone(),
+            "version" => version.clone(),
+            "position" => pos.to_string()
+        )
+        .increment(1);
+    }
 }
 
 /// The workers of one role a request has tried: the ones that failed (not tried again) and how many
