@@ -140,6 +140,19 @@ pub struct Learned {
 }
 
 impl Learned {
+    /// The adaptive-k state a request with controller key `key` starts from: a seeded request drafts
+    /// from a fresh state (same seed, same output) and leaves what was learned in place for the
+    /// others (it does not write back either); any other takes the learned state, or a fresh one.
+    fn controller_for(&self, key: &ControllerKey, seeded: bool) -> SpecLenController {
+        let (_, _, max_k, pinned) = key;
+        let learned = if seeded {
+            None
+        } else {
+            self.take_controller(key)
+        };
+        learned.unwrap_or_else(|| SpecLenController::new(*max_k, *pinned))
+    }
+
     /// Takes the adaptive-k state of `key`; for a weights version not seen yet, the state of the
     /// version it replaced (same kind and lengths), with a probe due at once.
     fn take_controller(&self, key: &ControllerKey) -> Option<SpecLenController> {
@@ -217,16 +230,7 @@ pub async fn run(
         .map(|d| d.version.clone())
         .unwrap_or_default();
     let ckey = (kind.clone(), version, max_k, req.draft_len);
-    let mut controller = if seeded {
-        // A seeded request drafts from a fresh state (same seed, same output); what was learned
-        // under its key goes with it, as it always has.
-        lock(&learned.controllers).remove(&ckey);
-        SpecLenController::new(max_k, req.draft_len)
-    } else {
-        learned
-            .take_controller(&ckey)
-            .unwrap_or_else(|| SpecLenController::new(max_k, req.draft_len))
-    };
+    let mut controller = learned.controller_for(&ckey, seeded);
     let mut feedback: Option<pb::StepFeedback> = None;
     // The target's cost of one more verified row at its batch size, from its latest answer (`None`
     // while this sequence has the target to itself: its own round trips measure that curve).
@@ -600,4 +604,30 @@ async fn open_drafter(
         .await;
     // A drafter is an optimisation: whatever went wrong, decoding goes on without one.
     opened.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seeded_request_starts_fresh_and_leaves_the_learned_state_to_the_others() {
+        let learned = Learned::default();
+        let key: ControllerKey = ("self".into(), "0".into(), 4, None);
+        let mut c = SpecLenController::new(4, None);
+        for _ in 0..50 {
+            c.record(4, 0);
+        }
+        let alpha = c.alpha();
+        let fresh_alpha = SpecLenController::new(4, None).alpha();
+        assert!(alpha < fresh_alpha, "{alpha} vs {fresh_alpha}");
+        lock(&learned.controllers).insert(key.clone(), c);
+        // Seeded: a fresh state, and the learned one stays.
+        assert_eq!(learned.controller_for(&key, true).alpha(), fresh_alpha);
+        assert!(lock(&learned.controllers).contains_key(&key));
+        // Unseeded: the learned state, taken while the request runs.
+        assert_eq!(learned.controller_for(&key, false).alpha(), alpha);
+        assert!(!lock(&learned.controllers).contains_key(&key));
+        assert_eq!(learned.controller_for(&key, false).alpha(), fresh_alpha);
+    }
 }
