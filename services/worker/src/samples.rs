@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use specd_coord::{keys, Store};
 use specd_core::TopTarget;
 use specd_proto::internal::v1 as pb;
@@ -121,12 +122,18 @@ impl SampleSink {
     /// until its first step.
     pub fn prompt(&self, cap: &mut Capture, prompt: &[u32], first: usize, rows: &[&[f32]]) {
         let t0 = Instant::now();
-        for (j, row) in rows.iter().enumerate() {
+        // A chunk's rows at once on the pool (idle between two forwards): each is a pass over the
+        // whole vocabulary.
+        let tops: Vec<_> = rows
+            .par_iter()
+            .map(|row| TopTarget::from_logits(row, self.cfg.width))
+            .collect();
+        for (j, top) in tops.into_iter().enumerate() {
             let prefix = first + j;
             if prefix == 0 || prefix >= prompt.len() {
                 continue;
             }
-            let Ok(t) = TopTarget::from_logits(row, self.cfg.width) else {
+            let Ok(t) = top else {
                 self.stats.drop_one("bad_logits");
                 continue;
             };

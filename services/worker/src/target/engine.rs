@@ -32,6 +32,9 @@ pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
 /// chunks, between which the other sequences' verify steps run, so it delays them by one chunk's
 /// worth of compute rather than by the whole prompt's.
 pub const DEFAULT_PREFILL_CHUNK: usize = 128;
+/// Most captured prompt rows (distillation samples' prompt positions) one batched forward returns
+/// logits for, over all its prefill chunks.
+const MAX_PROMPT_ROWS_PER_FORWARD: usize = 256;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, Status>>;
 
@@ -341,6 +344,10 @@ impl Engine {
 
     fn forward(&mut self, mut work: Vec<Work>, t0: Instant) {
         let samples = &self.samples;
+        // Captured prompt rows this forward may still return: each is a full vocabulary of logits
+        // (0.6 MB for a 152K vocabulary), so a batch of long captured prefills is bounded here; rows
+        // past it are not captured (their chunks' earlier rows, where the window reaches them).
+        let mut prompt_budget = MAX_PROMPT_ROWS_PER_FORWARD;
         let result = {
             let mut inputs: Vec<SeqInput<'_>> = work
                 .iter_mut()
@@ -350,7 +357,11 @@ impl Engine {
                         Job::Prefill(..) => match (samples, &w.seq.capture) {
                             (Some(sink), Some(_)) => {
                                 let from = w.seq.cache.len();
-                                match sink.prompt_rows(w.seq.tokens.len(), from, w.feed.len()) {
+                                let k = sink
+                                    .prompt_rows(w.seq.tokens.len(), from, w.feed.len())
+                                    .min(prompt_budget);
+                                prompt_budget -= k;
+                                match k {
                                     0 => LogitsWanted::None,
                                     k => LogitsWanted::Tail(k),
                                 }
