@@ -90,6 +90,8 @@ struct Level {
     latency_ms_p95: f64,
     latency_ms_p99: f64,
     tpot_ms_p50: f64,
+    tpot_ms_p95: f64,
+    tpot_ms_p99: f64,
     drafted: u64,
     accepted: u64,
 }
@@ -236,6 +238,8 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                 latency_ms_p95: crate::generate::round(pct(&mut s.latency, 0.95)),
                 latency_ms_p99: crate::generate::round(pct(&mut s.latency, 0.99)),
                 tpot_ms_p50: crate::generate::round(pct(&mut s.tpot, 0.5)),
+                tpot_ms_p95: crate::generate::round(pct(&mut s.tpot, 0.95)),
+                tpot_ms_p99: crate::generate::round(pct(&mut s.tpot, 0.99)),
                 drafted: s.drafted,
                 accepted: s.accepted,
             });
@@ -250,15 +254,16 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
             args.requests, args.max_new_tokens, args.drafter, args.temperature
         );
         println!(
-            "{:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}  errors",
-            "conc", "ok", "req/s", "tok/s", "ttft p50", "ttft p99", "lat p50", "lat p95", "lat p99", "tpot p50", "accept"
+            "{:>5} {:>4} {:>7} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}  errors",
+            "conc", "ok", "req/s", "tok/s", "ttft p50", "ttft p99", "lat p50", "lat p95", "lat p99", "tpot p50", "tpot p99", "accept"
         );
         for l in &levels {
             let acc = if l.drafted > 0 { l.accepted as f64 / l.drafted as f64 } else { 0.0 };
             println!(
-                "{:>5} {:>4} {:>7.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>8.3}  {:?}",
+                "{:>5} {:>4} {:>7.2} {:>8.2} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>8.3}  {:?}",
                 l.concurrency, l.ok, l.requests_per_s, l.tokens_per_s, l.ttft_ms_p50, l.ttft_ms_p99,
-                l.latency_ms_p50, l.latency_ms_p95, l.latency_ms_p99, l.tpot_ms_p50, acc, l.errors
+                l.latency_ms_p50, l.latency_ms_p95, l.latency_ms_p99, l.tpot_ms_p50, l.tpot_ms_p99, acc,
+                l.errors
             );
         }
         require(args.require_ok, failed)
