@@ -2,10 +2,11 @@
 //! plus token-level figures ghz cannot see).
 //!
 //! For each concurrency level, that many clients each stream requests back to back (`GenerateStream`,
-//! prompts taken in turn from the benchmark's code and prose sets) until the level's request count is
-//! done, then it prints: requests/s, generated tokens/s (aggregate), time to first token and end-to-end
-//! latency at p50/p95/p99, time per output token at p50, errors by gRPC code, and the drafted/accepted
-//! counts the router reported.
+//! prompts taken in turn from the benchmark's code and prose sets; `--think-ms` pauses each client
+//! between two of its requests, so the cluster has idle gaps, as a trainer waiting for idle capacity
+//! needs) until the level's request count is done, then it prints: requests/s, generated tokens/s
+//! (aggregate), time to first token, end-to-end latency and time per output token at p50/p95/p99,
+//! errors by gRPC code, and the drafted/accepted counts the router reported.
 //!
 //! With `--ghz-config FILE` it runs a ghz scenario file instead (see [`ghz`]) and writes ghz's JSON
 //! report shape and an HTML report ([`html`]).
@@ -50,6 +51,9 @@ pub struct LoadtestArgs {
     /// Per-request deadline in seconds (sent as grpc-timeout).
     #[arg(long, default_value_t = 300)]
     pub timeout_secs: u64,
+    /// Pause of each client between two of its requests, in ms (0: back to back).
+    #[arg(long, default_value_t = 0)]
+    pub think_ms: u64,
     /// Print one JSON document instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -213,6 +217,9 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if i >= args.requests {
                             return;
+                        }
+                        if i >= c && args.think_ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(args.think_ms)).await;
                         }
                         one(&mut client, &args, i, &samples).await;
                     }
