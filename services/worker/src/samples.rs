@@ -137,13 +137,7 @@ impl SampleSink {
                 self.stats.drop_one("bad_logits");
                 continue;
             };
-            let (ids, probs, tail) = t.into_parts();
-            cap.positions.push(prefix as u32);
-            cap.tail.push(tail as f32);
-            cap.target.push(pb::SparseDist { ids, probs });
-            cap.drafted.push(false);
-            cap.draft_ids.push(0);
-            cap.rejected.push(false);
+            cap.push(prefix, t, None, false);
         }
         metrics::histogram!("specd_distill_capture_seconds").record(t0.elapsed().as_secs_f64());
     }
@@ -176,14 +170,8 @@ impl SampleSink {
                 self.stats.drop_one("bad_logits");
                 continue;
             };
-            let (ids, probs, tail) = t.into_parts();
-            cap.positions.push((context_len + j) as u32);
-            cap.tail.push(tail as f32);
-            cap.target.push(pb::SparseDist { ids, probs });
-            let drafted = j < drafts.len();
-            cap.drafted.push(drafted);
-            cap.draft_ids.push(if drafted { drafts[j] } else { 0 });
-            cap.rejected.push(drafted && j == accepted);
+            let draft = drafts.get(j).copied();
+            cap.push(context_len + j, t, draft, draft.is_some() && j == accepted);
         }
         if cap.kind != kind || cap.version != version {
             cap.kind = kind.to_string();
@@ -238,6 +226,20 @@ pub struct Capture {
     version: String,
     /// Whether a step has named the sequence's drafter (`kind`, `version`).
     named: bool,
+}
+
+impl Capture {
+    /// One position: the target's distribution after `prefix` tokens, the token drafted there if any,
+    /// and whether the target rejected it.
+    fn push(&mut self, prefix: usize, t: TopTarget, draft: Option<u32>, rejected: bool) {
+        let (ids, probs, tail) = t.into_parts();
+        self.positions.push(prefix as u32);
+        self.tail.push(tail as f32);
+        self.target.push(pb::SparseDist { ids, probs });
+        self.drafted.push(draft.is_some());
+        self.draft_ids.push(draft.unwrap_or(0));
+        self.rejected.push(rejected);
+    }
 }
 
 /// How often the sender looks up trainers when it has none.

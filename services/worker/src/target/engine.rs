@@ -352,23 +352,20 @@ impl Engine {
             let mut inputs: Vec<SeqInput<'_>> = work
                 .iter_mut()
                 .map(|w| {
-                    let wanted = match &w.job {
+                    let wanted = match (&w.job, samples, &w.seq.capture) {
+                        (Job::Step { drafts, .. }, ..) => LogitsWanted::Tail(drafts.len() + 1),
                         // A captured sequence's prompt positions, where the chunk reaches them.
-                        Job::Prefill(..) => match (samples, &w.seq.capture) {
-                            (Some(sink), Some(_)) => {
-                                let from = w.seq.cache.len();
-                                let k = sink
-                                    .prompt_rows(w.seq.tokens.len(), from, w.feed.len())
-                                    .min(prompt_budget);
-                                prompt_budget -= k;
-                                match k {
-                                    0 => LogitsWanted::None,
-                                    k => LogitsWanted::Tail(k),
-                                }
+                        (Job::Prefill(..), Some(sink), Some(_)) => {
+                            let (len, from) = (w.seq.tokens.len(), w.seq.cache.len());
+                            let k = sink.prompt_rows(len, from, w.feed.len()).min(prompt_budget);
+                            prompt_budget -= k;
+                            if k == 0 {
+                                LogitsWanted::None
+                            } else {
+                                LogitsWanted::Tail(k)
                             }
-                            _ => LogitsWanted::None,
-                        },
-                        Job::Step { drafts, .. } => LogitsWanted::Tail(drafts.len() + 1),
+                        }
+                        (Job::Prefill(..), ..) => LogitsWanted::None,
                     };
                     SeqInput {
                         cache: &mut w.seq.cache,
